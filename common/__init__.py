@@ -1,0 +1,1 @@
+"""Shared pieces of the training scripts: config, data, models, rollouts, rewards, tracking, checkpoints."""

@@ -1,0 +1,113 @@
+"""Keys every script shares: model, data and trainer basics, with the spec's defaults.
+
+Each script's `Config` inherits these and adds its own keys. A shipped YAML key must be a field here or in a
+script's `Config` (tests/test_configs.py resolves every shipped YAML).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class TokenizerArgs:
+    padding_side: Literal["left", "right"] = "left"  # left keeps RL rollouts aligned at the generation start
+
+
+@dataclass
+class LoraArgs:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: Optional[str] = None                # required
+    tokenizer_name_or_path: Optional[str] = None            # None -> model_name_or_path
+    trust_remote_code: bool = False                         # spec says true; false is the safe default (README)
+    unsafe_tokenizer_loading: bool = False                  # allow tokenizer code from the checkpoint to run
+    use_peft: bool = False
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    load_in_4bit: bool = False
+    tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Optional[str] = "sdpa"             # flash_attention_2 falls back to sdpa if not installed
+    chat_template: Optional[str] = None                     # Jinja text or a file path; overrides the tokenizer's
+
+
+@dataclass
+class DataArgs:
+    dataset_id_or_path: Optional[str] = None                # hub id, local dir or .jsonl/.json(.gz) file
+    dataset_config: Optional[str] = None                    # hub dataset config name
+    dataset_split: str = "train"
+    dataset_level_filter: Optional[str] = None              # e.g. level_4_5 keeps rows whose `level` is 4 or 5
+    dataset_max_samples: Optional[int] = None
+    eval_split_ratio: float = 0.1
+    shuffle: bool = True
+    completion_only_training: bool = True
+    dataset_path: Optional[str] = None                      # file read by a make_dataset_fn (runtime traces)
+    make_dataset_fn: dict = field(default_factory=dict)     # {_target_: module.fn, **kwargs}; called fn(cfg, **kwargs)
+    system_prompt: Optional[str] = None
+
+
+@dataclass
+class TrainerArgs:
+    output_dir: str = "outputs/run"
+    run_name: Optional[str] = None
+    seed: int = 42
+    max_steps: int = 450                                    # > 0 wins over num_train_epochs
+    num_train_epochs: float = 1
+    train_batch_size: Optional[int] = 64                    # across all devices and accumulation steps
+    per_device_train_batch_size: Optional[int] = 2
+    gradient_accumulation_steps: Optional[int] = None       # inferred from the other two
+    per_device_eval_batch_size: int = 8
+    gradient_checkpointing: bool = True
+    learning_rate: float = 5e-7
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_ratio: float = 0.03
+    bf16: bool = True                                       # used only where the hardware supports it
+    tf32: bool = True
+    ddp_timeout: int = 18000
+    do_eval: bool = True
+    eval_steps: int = 100
+    logging_steps: int = 1
+    save_steps: int = 500
+    save_total_limit: Optional[int] = 2
+    resume_from_checkpoint: Optional[str] = None            # a checkpoint path or "latest"
+    report_to: list[str] = field(default_factory=list)      # wandb, tensorboard; console and JSONL always
+    wandb_project: Optional[str] = None
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    activate_debugging_logs: bool = False
+    dataloader_num_workers: int = 0
+
+
+@dataclass
+class CommonArgs(TrainerArgs, DataArgs, ModelArgs):
+    """Base of every script's Config."""
+
+    def validate(self) -> None:
+        """Checks that need no model; scripts extend this with their own."""
+        from common.config import ConfigError
+        if self.model_name_or_path is None:
+            raise ConfigError("key 'model_name_or_path' is required (set it in a model preset or on the command line)")
+        if not 0 <= self.eval_split_ratio < 1:
+            raise ConfigError(f"key 'eval_split_ratio' = {self.eval_split_ratio}: expected a value in [0, 1)")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError(f"key 'warmup_ratio' = {self.warmup_ratio}: expected a value in [0, 1]")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+        unknown = set(self.report_to) - {"wandb", "tensorboard", "none"}
+        if unknown:
+            raise ConfigError(f"key 'report_to' has {sorted(unknown)}: expected a list of wandb, tensorboard")
+        if self.load_in_4bit:
+            import torch
+            if not torch.cuda.is_available():
+                raise ConfigError("key 'load_in_4bit' = true needs a CUDA GPU and bitsandbytes; none is available here")

@@ -1,0 +1,96 @@
+"""Metrics: console and a JSONL file always; wandb / tensorboard when `report_to` asks. Rank 0 only."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else value
+    return value
+
+
+class Tracker:
+    """One object per run; every method is a no-op on ranks other than 0."""
+
+    def __init__(self, cfg, is_main: bool, config_dict: dict, total_steps: int, resume: bool = False):
+        self.is_main = is_main
+        self.total_steps = total_steps
+        self.start_time = time.time()
+        self.start_step: Optional[int] = None
+        self._wandb = None
+        self._tensorboard = None
+        self._metrics_file = None
+        self._completions_file = None
+        if not is_main:
+            return
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self._metrics_file = open(out / "metrics.jsonl", "a" if resume else "w")
+        self._completions_path = out / "completions.jsonl"
+        if "wandb" in cfg.report_to:
+            import wandb
+            self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=config_dict,
+                                     dir=str(out), resume="allow" if resume else None)
+        if "tensorboard" in cfg.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tensorboard = SummaryWriter(log_dir=str(out / "tensorboard"))
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.is_main:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._metrics_file.write(json.dumps(row) + "\n")
+        self._metrics_file.flush()
+        if self._wandb is not None:
+            self._wandb.log(row, step=step)
+        if self._tensorboard is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tensorboard.add_scalar(key, value, step)
+        self._print_progress(row, step)
+
+    def _print_progress(self, row: dict, step: int) -> None:
+        if self.start_step is None:
+            self.start_step = step - 1
+            self.start_time = time.time()
+        done = step - self.start_step
+        elapsed = time.time() - self.start_time
+        eta = elapsed / max(done, 1) * (self.total_steps - step)
+        shown = [f"step {step}/{self.total_steps}"]
+        for key in ("loss", "reward", "eval/loss", "eval/accuracy", "lr", "tokens_per_second"):
+            if row.get(key) is not None:
+                value = row[key]
+                shown.append(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}")
+        shown.append(f"eta {time.strftime('%H:%M:%S', time.gmtime(max(eta, 0)))}")
+        print(" | ".join(shown), file=sys.stderr, flush=True)
+
+    def log_completions(self, rows: list[dict], step: int) -> None:
+        """Sampled prompt / completion / reward rows -> completions.jsonl (and a wandb table)."""
+        if not self.is_main or not rows:
+            return
+        with open(self._completions_path, "a") as handle:
+            for row in rows:
+                handle.write(json.dumps({"step": step, **row}) + "\n")
+        if self._wandb is not None:
+            import wandb
+            columns = sorted({k for row in rows for k in row})
+            self._wandb.log({"completions": wandb.Table(columns=columns,
+                                                        data=[[row.get(c) for c in columns] for row in rows])},
+                            step=step)
+
+    def close(self) -> None:
+        if not self.is_main:
+            return
+        self._metrics_file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tensorboard is not None:
+            self._tensorboard.close()

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny local model + tokenizer (nothing downloaded), free ports, script runs."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-64 Llama with the character-level chat tokenizer, saved once per test session."""
+    from make_tiny_model import save_tiny_model
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny", hidden_size=64, layers=2, heads=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_python(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 600):
+    """Run a repo script in a fresh interpreter; returns the CompletedProcess (stdout+stderr text)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def accelerate_launch(script_args: list[str], num_processes: int = 2, extra_env: dict | None = None,
+                      timeout: int = 600):
+    """A real multi-process CPU run through `accelerate launch` (gloo), on a free port."""
+    env = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+                "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(free_port())]
+    return run_python([*launcher, *script_args], env=env, timeout=timeout)

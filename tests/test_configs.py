@@ -1,0 +1,223 @@
+"""Config composition, overrides, interpolation, validation and batch math; every shipped YAML resolves."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.config import (CONFIG_DIR, ConfigError, compose, config_to_dict, load_config, resolve_batch_sizes,
+                           save_config)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ("train_sft", "train_grpo", "train_gkd")
+
+
+def script_configs() -> dict[str, type]:
+    found = {}
+    for name in SCRIPTS:
+        module = importlib.import_module(name)
+        if hasattr(module, "Config"):
+            found[name] = module.Config
+    return found
+
+
+def unknown_keys(cls: type, values: dict, prefix: str = "") -> list[str]:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    bad = []
+    for key, value in values.items():
+        if key not in fields:
+            bad.append(prefix + key)
+            continue
+        nested = [a for a in (hints[key], *typing.get_args(hints[key])) if dataclasses.is_dataclass(a)]
+        if nested and isinstance(value, dict):
+            bad += unknown_keys(nested[0], value, f"{prefix}{key}.")
+    return bad
+
+
+def recipe_script(path: Path) -> str:
+    match = re.search(r"^# launch: (train_\w+)\.py", path.read_text(), re.MULTILINE)
+    assert match, f"{path} lacks a '# launch: train_X.py' first line naming its script"
+    return match.group(1)
+
+
+RECIPES = sorted((CONFIG_DIR / "recipe").glob("*.yaml"))
+PRESETS = sorted(p for p in CONFIG_DIR.glob("*/*.yaml") if p.parent.name not in ("recipe", "reward_system"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_resolves_against_its_script(recipe, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    script = recipe_script(recipe)
+    configs = script_configs()
+    if script not in configs:
+        pytest.fail(f"{recipe} names {script}.py, which has no Config")
+    overrides = [] if recipe.stem != "default" else ["model_name_or_path=some/model"]
+    cfg = load_config(configs[script], ["--config", str(recipe), *overrides])
+    assert cfg.output_dir
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_preset_key_is_known_to_a_script(preset):
+    merged, sources = {}, {}
+    from common.config import compose_file
+    compose_file(preset, merged, sources)
+    configs = script_configs()
+    verdicts = {name: unknown_keys(cls, merged) for name, cls in configs.items()}
+    assert any(not bad for bad in verdicts.values()), f"{preset}: keys unknown to every script: {verdicts}"
+
+
+def test_every_dataclass_key_with_a_yaml_default_is_typed_consistently():
+    # each shipped recipe's values survive type checking (load_config above) and keep their types when saved
+    from train_sft import Config
+    cfg = load_config(Config, ["--config", "configs/recipe/teacher_sft.yaml"])
+    assert cfg.learning_rate == 2e-4 and isinstance(cfg.learning_rate, float)
+    assert cfg.max_seq_length == 16384 and cfg.packing is False and cfg.lr_scheduler_type == "constant"
+    assert cfg.model_name_or_path == "Qwen/Qwen3-8B" and cfg.tokenizer_name_or_path == "Qwen/Qwen3-8B"
+    assert cfg.trust_remote_code is False and cfg.tokenizer.padding_side == "left"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_merge_order_and_overrides(tmp_path, monkeypatch):
+    from train_sft import Config
+    recipe = write(tmp_path / "r.yaml", "defaults:\n  - model: tiny\n  - trainer: base_sft\n"
+                   "learning_rate: 1.0e-3\nlora:\n  r: 4\n")
+    cfg = load_config(Config, ["--config", str(recipe), "learning_rate=5e-4", "lora.alpha=7", "report_to=[wandb]",
+                               "max_steps=3"])
+    assert cfg.learning_rate == 5e-4            # command line beats the file
+    assert cfg.lora.r == 4 and cfg.lora.alpha == 7  # nested maps merge
+    assert cfg.lora.dropout == 0.05               # untouched nested default from model/base.yaml
+    assert cfg.per_device_train_batch_size == 4  # from trainer/base_sft.yaml
+    assert cfg.report_to == ["wandb"] and cfg.max_steps == 3
+
+
+def test_interpolation_and_env(tmp_path, monkeypatch):
+    from train_sft import Config
+    monkeypatch.setenv("MY_SECRET_DIR", "/secret/place")
+    recipe = write(tmp_path / "r.yaml", "defaults:\n  - model: tiny\ntrainer_log_name: exp1\n"
+                   "run_name: ${trainer_log_name}-${seed}\nsystem_prompt: ${env:MY_SECRET_DIR}\n")
+    cfg = load_config(Config, ["--config", str(recipe)])
+    assert cfg.run_name == "exp1-42" and cfg.output_dir == "outputs/exp1"
+    assert cfg.system_prompt == "/secret/place"
+    saved = save_config(cfg, str(tmp_path / "out"))
+    text = saved.read_text()
+    assert "/secret/place" not in text and "<from environment>" in text
+
+
+def test_secret_looking_keys_are_redacted(tmp_path):
+    from train_sft import Config
+    cfg = load_config(Config, ["model_name_or_path=m", "make_dataset_fn={_target_: x.y, api_key: sk-123, hub_token: t}"])
+    data = config_to_dict(cfg)
+    assert data["make_dataset_fn"]["api_key"] == "<redacted>" and data["make_dataset_fn"]["hub_token"] == "<redacted>"
+    assert "sk-123" not in yaml.safe_dump(data)
+
+
+def test_unknown_key_names_file_and_suggestion(tmp_path):
+    from train_sft import Config
+    recipe = write(tmp_path / "typo.yaml", "defaults:\n  - model: tiny\nlearnig_rate: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml.*unknown key 'learnig_rate'.*did you mean 'learning_rate'"):
+        load_config(Config, ["--config", str(recipe)])
+    with pytest.raises(ConfigError, match=r"command line.*unknown key 'lora.rank'"):
+        load_config(Config, ["model_name_or_path=m", "lora.rank=3"])
+
+
+def test_type_errors_name_the_key(tmp_path):
+    from train_sft import Config
+    with pytest.raises(ConfigError, match=r"'max_steps' = 'many': expected an integer"):
+        load_config(Config, ["model_name_or_path=m", "max_steps=many"])
+    with pytest.raises(ConfigError, match=r"'lr_scheduler_type' = 'cosnie': expected one of"):
+        load_config(Config, ["model_name_or_path=m", "lr_scheduler_type=cosnie"])
+
+
+def test_missing_files_and_presets(tmp_path):
+    from train_sft import Config
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Config, ["--config", str(tmp_path / "nope.yaml")])
+    recipe = write(tmp_path / "r.yaml", "defaults:\n  - model: qwen9_999b\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: default 'model: qwen9_999b'.*available in configs/model/"):
+        load_config(Config, ["--config", str(recipe)])
+    bad = write(tmp_path / "bad.yaml", "a: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: invalid YAML"):
+        load_config(Config, ["--config", str(bad)])
+
+
+def test_missing_interpolation_target(tmp_path):
+    from train_sft import Config
+    recipe = write(tmp_path / "r.yaml", "model_name_or_path: m\nrun_name: ${no_such_key}\n")
+    with pytest.raises(ConfigError, match=r"refers to \$\{no_such_key\}"):
+        load_config(Config, ["--config", str(recipe)])
+
+
+class _Batch:
+    def __init__(self, total, per_device, accum):
+        self.train_batch_size, self.per_device_train_batch_size, self.gradient_accumulation_steps = (
+            total, per_device, accum)
+
+
+@pytest.mark.parametrize("total,per_device,accum,world,expected", [
+    (64, 2, None, 1, (64, 2, 32)),
+    (64, 2, None, 4, (64, 2, 8)),
+    (None, 4, 2, 2, (16, 4, 2)),
+    (48, None, 3, 2, (48, 8, 3)),
+    (12, 3, 2, 2, (12, 3, 2)),
+])
+def test_batch_math_any_two_determine_the_third(total, per_device, accum, world, expected):
+    batch = _Batch(total, per_device, accum)
+    resolve_batch_sizes(batch, world)
+    assert (batch.train_batch_size, batch.per_device_train_batch_size, batch.gradient_accumulation_steps) == expected
+
+
+@pytest.mark.parametrize("total,per_device,accum,world,message", [
+    (64, 3, None, 1, "not divisible"),
+    (64, 2, 4, 1, r"64 != per_device_train_batch_size 2 x gradient_accumulation_steps 4"),
+    (None, None, 4, 1, "at least two"),
+    (10, None, 3, 1, "not divisible"),
+    (64, 0, None, 1, ">= 1"),
+])
+def test_batch_math_errors(total, per_device, accum, world, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_batch_sizes(_Batch(total, per_device, accum), world)
+
+
+def test_batch_math_counts_processes(monkeypatch):
+    from train_sft import Config
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = load_config(Config, ["model_name_or_path=m", "train_batch_size=64", "per_device_train_batch_size=4"])
+    assert cfg.gradient_accumulation_steps == 4
+
+
+def test_print_config_exits_without_loading(tmp_path, capsys):
+    from train_sft import Config
+    with pytest.raises(SystemExit) as exit_info:
+        load_config(Config, ["--config", "configs/recipe/teacher_sft.yaml", "--print-config",
+                             f"output_dir={tmp_path / 'out'}"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "learning_rate: 0.0002" in out and "# batch: train_batch_size 16" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_target_instantiation_errors():
+    from common.config import import_target
+    with pytest.raises(ConfigError, match="cannot import module"):
+        import_target("no_such_module.fn", "make_dataset_fn._target_")
+    with pytest.raises(ConfigError, match="has no attribute 'nope'"):
+        import_target("common.data.nope", "make_dataset_fn._target_")
+    assert import_target("common.data.make_arithmetic_dataset").__name__ == "make_arithmetic_dataset"
+
+
+def test_compose_records_sources():
+    merged, sources, _ = compose(str(CONFIG_DIR / "recipe" / "teacher_sft.yaml"), ["seed=7"])
+    assert sources["seed"] == "the command line"
+    assert sources["max_seq_length"].endswith("recipe/teacher_sft.yaml")
+    assert sources["torch_dtype"].endswith("model/qwen3_8b.yaml")
