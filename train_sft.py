@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from common.args import CommonArgs
-from common.config import ConfigError, config_to_dict, load_config, save_config
+from common.config import ConfigError, config_to_dict, fail_fast, load_config, save_config
 from common.data import IGNORE_INDEX, collate_sft, load_train_eval, pack_examples, tokenize_example
 
 logger = logging.getLogger("train_sft")
@@ -86,7 +86,8 @@ def count_loss_tokens(labels: torch.Tensor) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def main(argv: Optional[list[str]] = None) -> None:
-    cfg = load_config(Config, argv, description=__doc__)
+    with fail_fast():
+        cfg = load_config(Config, argv, description=__doc__)
     logging.basicConfig(level=logging.DEBUG if cfg.activate_debugging_logs else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -99,22 +100,23 @@ def main(argv: Optional[list[str]] = None) -> None:
                                 shard, total_optimizer_steps)
     from common.tracking import Tracker
 
-    resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # ----- data (before models: bad data fails fast) -----------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg)
-    train_examples, eval_examples = load_train_eval(cfg)
-    tokenize = lambda e: tokenize_example(e, tokenizer, cfg.max_seq_length, cfg.completion_only_training)
-    train_rows = [tokenize(e) for e in train_examples]
-    eval_rows = [tokenize(e) for e in eval_examples] if cfg.do_eval else []
-    if cfg.packing:
-        train_rows = pack_examples(train_rows, cfg.max_seq_length)
-    if len(train_rows) < cfg.train_batch_size:
-        raise ValueError(f"{len(train_rows)} training rows (after packing={cfg.packing}) is fewer than "
-                         f"train_batch_size={cfg.train_batch_size}")
+    with fail_fast():
+        resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
+        train_examples, eval_examples = load_train_eval(cfg)
+        tokenizer = load_tokenizer(cfg)
+        tokenize = lambda e: tokenize_example(e, tokenizer, cfg.max_seq_length, cfg.completion_only_training)
+        train_rows = [tokenize(e) for e in train_examples]
+        eval_rows = [tokenize(e) for e in eval_examples] if cfg.do_eval else []
+        if cfg.packing:
+            train_rows = pack_examples(train_rows, cfg.max_seq_length)
+        if len(train_rows) < cfg.train_batch_size:
+            raise ValueError(f"{len(train_rows)} training rows (after packing={cfg.packing}) is fewer than "
+                             f"train_batch_size={cfg.train_batch_size}")
     total_steps = total_optimizer_steps(cfg, len(train_rows))
     steps_per_epoch = len(train_rows) // cfg.train_batch_size
     if accelerator.is_main_process:

@@ -13,6 +13,7 @@ Semantics (the same for every script):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -443,3 +444,16 @@ def save_config(cfg: Any, output_dir: str) -> Path:
     tmp.write_text(dump_config(cfg))
     os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def fail_fast():
+    """Bad input found before any model loads: one line on stderr, exit status 2, no traceback.
+
+    Wrap only the set-up stage (config, data); errors during training keep their tracebacks.
+    """
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
