@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from common.data import Example, encode_prompt, render_prompt
-from common.rewards import RewardInput, get_reward_factory
+from common.rewards import RewardFunction, RewardInput
 
 
 def build_reward_inputs(examples: list[Example], completions: list[str], prompts: list[str]) -> list[RewardInput]:
@@ -12,9 +12,10 @@ def build_reward_inputs(examples: list[Example], completions: list[str], prompts
                         metadata=e.metadata) for e, c, p in zip(examples, completions, prompts)]
 
 
-def greedy_eval(cfg, accelerator, model, tokenizer, examples: list[Example], reward_name: str,
+def greedy_eval(accelerator, model, tokenizer, examples: list[Example], reward_fn: RewardFunction,
                 max_new_tokens: int, max_samples: Optional[int] = None, batch_size: int = 64) -> dict:
-    """Mean reward of greedy completions (for 0/1 rewards: accuracy). Every rank takes a shard; rank 0 reports.
+    """Mean reward of greedy completions (for 0/1 rewards: accuracy). Every rank takes a shard; all ranks must
+    call it together. `reward_fn` is a reward function (see common/rewards.py).
 
     Returns {"accuracy", "num_samples", "num_scored", "examples": first few rows}.
     """
@@ -29,7 +30,6 @@ def greedy_eval(cfg, accelerator, model, tokenizer, examples: list[Example], rew
     engine = HFGenerateEngine(model, tokenizer, accelerator=accelerator, batch_size=batch_size)
     rollouts = engine.generate(prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
     completions = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
-    reward_fn = get_reward_factory(reward_name)(cfg)
     scores = reward_fn(build_reward_inputs(local, completions, prompts)) if local else []
     rows = [{"prompt": p, "completion": c, "ground_truth": e.ground_truth, "score": s}
             for p, c, e, s in zip(prompts, completions, local, scores)]

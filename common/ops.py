@@ -1,0 +1,247 @@
+"""Shared tensor ops: per-token logprobs computed in chunks, masked reductions.
+
+Per-token logprobs at a large vocabulary are the memory peak of RL and distillation steps: the
+naive `log_softmax(logits.float()).gather(...)` holds an fp32 copy of the `[B, T, V]` logits,
+its log-softmax, and the same again in backward. The functions here walk the rows in chunks and
+recompute what backward needs, so at most one fp32 `[chunk, V]` block exists at a time:
+
+- `selective_log_softmax(logits, index)`: logits given; no fp32 `[B, T, V]` is made.
+- `selective_log_softmax_from_hidden(hidden, weight, index)`: final hidden states and the lm_head
+  weight given; the `[B, T, V]` logits never exist, forward or backward.
+
+Both return fp32 `[B, T]` logprobs and, on request, the per-token entropy (no gradient).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# Rows per chunk default to the number whose fp32 `[rows, V]` block takes about this many bytes.
+CHUNK_BYTES = 64 * 2**20
+
+
+def _chunk_rows(chunk_size: Optional[int], vocab_size: int) -> int:
+    if chunk_size is None:
+        return max(1, CHUNK_BYTES // (4 * vocab_size))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    return chunk_size
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _logsumexp_and_entropy(scaled: torch.Tensor, want_entropy: bool):
+    """`scaled`: [c, V] fp32 logits / temperature -> logsumexp [c] and entropy [c] (or None)."""
+    lse = torch.logsumexp(scaled, dim=-1)  # [c]
+    if not want_entropy:
+        return lse, None
+    logp = scaled - lse.unsqueeze(-1)  # [c, V]
+    entropy = -(logp.exp() * logp).sum(-1)  # [c]; lse - E_p[z] would cancel badly at low entropy
+    return lse, entropy
+
+
+class _RowChunks:
+    """Row ranges over the leading dims of a `[..., V]` tensor without copying it.
+
+    A contiguous tensor is viewed as `[N, V]`; a non-contiguous `[B, T, V]` one (e.g. `logits[:, :-1]`)
+    is walked one batch row at a time, so chunks never cross a batch row.
+    """
+
+    def __init__(self, shape: torch.Size, rows: int, contiguous: bool):
+        self.num_rows = 1
+        for size in shape[:-1]:
+            self.num_rows *= size
+        self.inner = shape[-2] if (not contiguous and len(shape) == 3) else self.num_rows
+        self.ranges = [
+            (start, min(start + rows, outer + self.inner))
+            for outer in range(0, self.num_rows, self.inner)
+            for start in range(outer, outer + self.inner, rows)
+        ]
+
+    def take(self, tensor: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        if tensor.is_contiguous():
+            return tensor.view(-1, tensor.shape[-1])[start:end]
+        batch = start // self.inner
+        return tensor[batch, start - batch * self.inner : end - batch * self.inner]
+
+
+class _ChunkedSelectiveLogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, index, temperature, rows, want_entropy):
+        # [B, T, V] stays as given (sliced views included); other ranks are flattened to [N, V].
+        logits_rows = logits if logits.dim() == 3 else logits.reshape(-1, logits.shape[-1])
+        chunks = _RowChunks(logits_rows.shape, rows, logits_rows.is_contiguous())
+        flat_index = index.reshape(-1)  # [N]
+        logps = torch.empty(chunks.num_rows, dtype=torch.float32, device=logits.device)  # [N]
+        lse_all = torch.empty_like(logps)  # [N]
+        entropy = torch.empty_like(logps) if want_entropy else None
+        for start, end in chunks.ranges:
+            scaled = chunks.take(logits_rows, start, end).float() / temperature  # [c, V]
+            lse, chunk_entropy = _logsumexp_and_entropy(scaled, want_entropy)
+            picked = scaled.gather(-1, flat_index[start:end].unsqueeze(-1)).squeeze(-1)  # [c]
+            logps[start:end] = picked - lse
+            lse_all[start:end] = lse
+            if want_entropy:
+                entropy[start:end] = chunk_entropy
+        ctx.save_for_backward(logits_rows, flat_index, lse_all)
+        ctx.temperature, ctx.chunks, ctx.logits_shape = temperature, chunks, logits.shape
+        logps = logps.view(index.shape)
+        if want_entropy:
+            entropy = entropy.view(index.shape)
+            ctx.mark_non_differentiable(entropy)
+            return logps, entropy
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy=None):
+        logits_rows, flat_index, lse_all = ctx.saved_tensors
+        chunks, temperature = ctx.chunks, ctx.temperature
+        grad_flat = grad_logps.reshape(-1).float()  # [N]
+        grad_logits = torch.empty(logits_rows.shape, dtype=logits_rows.dtype, device=logits_rows.device)
+        for start, end in chunks.ranges:
+            # d logp_i / d x_j = (onehot_ij - softmax_ij) / temperature, built in one fp32 block.
+            block = chunks.take(logits_rows, start, end).float() / temperature  # [c, V], a copy even for fp32
+            block.sub_(lse_all[start:end].unsqueeze(-1)).exp_()  # softmax
+            scale = (grad_flat[start:end] / temperature).unsqueeze(-1)  # [c, 1]
+            block.mul_(-scale)
+            block.scatter_add_(-1, flat_index[start:end].unsqueeze(-1), scale)
+            chunks.take(grad_logits, start, end).copy_(block)
+        return grad_logits.view(ctx.logits_shape), None, None, None, None
+
+
+def selective_log_softmax(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: Optional[int] = None,
+    return_entropy: bool = False,
+):
+    """log_softmax(logits / temperature) at `index`, chunked over rows.
+
+    logits: [..., V] (any float dtype; a non-contiguous [B, T, V] slice is not copied);
+    index: [...] token ids. Returns fp32 logprobs [...] and, with `return_entropy`, the entropy
+    [...] of each row's distribution (no gradient). `chunk_size`: rows per chunk (default: a
+    64 MiB fp32 block). Peak extra memory: one fp32 [chunk, V] block plus the logits' gradient.
+    """
+    _check_temperature(temperature)
+    if logits.shape[:-1] != index.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and index {tuple(index.shape)} disagree on leading dims")
+    rows = _chunk_rows(chunk_size, logits.shape[-1])
+    return _ChunkedSelectiveLogSoftmax.apply(logits, index, float(temperature), rows, return_entropy)
+
+
+def _accumulate_weight_grad(
+    grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor, low_precision_gemm: bool
+) -> None:
+    """grad_weight [V, H] fp32 += grad_logits[c, V].T @ hidden [c, H], without an fp32 [V, H] temporary."""
+    if hidden.dtype == torch.float32 or not low_precision_gemm:
+        # fp32 GEMM straight into the accumulator (on CPU no slower than a bf16 one).
+        grad_weight.addmm_(grad_logits.T, hidden.float())
+    else:
+        # Tensor-core GEMM in the model dtype; the in-place add promotes without an fp32 copy.
+        grad_weight.add_(grad_logits.T.to(hidden.dtype) @ hidden)
+
+
+class _ChunkedLinearLogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, index, temperature, rows, want_entropy):
+        hidden_rows = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+        flat_index = index.reshape(-1)  # [N]
+        num_rows = hidden_rows.shape[0]
+        logps = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)  # [N]
+        lse_all = torch.empty_like(logps)
+        entropy = torch.empty_like(logps) if want_entropy else None
+        for start in range(0, num_rows, rows):
+            end = min(start + rows, num_rows)
+            # Matmul in the model's dtype, then fp32: the same numbers as lm_head(...).float().
+            scaled = (hidden_rows[start:end] @ weight.T).float().div_(temperature)  # [c, V]
+            lse, chunk_entropy = _logsumexp_and_entropy(scaled, want_entropy)
+            picked = scaled.gather(-1, flat_index[start:end].unsqueeze(-1)).squeeze(-1)  # [c]
+            logps[start:end] = picked - lse
+            lse_all[start:end] = lse
+            if want_entropy:
+                entropy[start:end] = chunk_entropy
+        ctx.save_for_backward(hidden_rows, weight, flat_index, lse_all)
+        ctx.temperature, ctx.rows, ctx.hidden_shape = temperature, rows, hidden.shape
+        # Backward must recompute the logits under the same autocast state as this forward.
+        device_type = hidden.device.type
+        ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
+        logps = logps.view(index.shape)
+        if want_entropy:
+            entropy = entropy.view(index.shape)
+            ctx.mark_non_differentiable(entropy)
+            return logps, entropy
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy=None):
+        hidden_rows, weight, flat_index, lse_all = ctx.saved_tensors
+        temperature, rows = ctx.temperature, ctx.rows
+        device_type, autocast_dtype, autocast_enabled = ctx.autocast
+        grad_flat = grad_logps.reshape(-1).float()  # [N]
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden_rows) if need_hidden else None  # [N, H]
+        # Accumulate the weight gradient over chunks in fp32, as one big GEMM would internally.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for start in range(0, hidden_rows.shape[0], rows):
+            end = min(start + rows, hidden_rows.shape[0])
+            chunk_hidden = hidden_rows[start:end]  # [c, H]
+            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+                block = chunk_hidden @ weight.T  # [c, V] recomputed logits
+            block = block.float().div_(temperature)
+            block.sub_(lse_all[start:end].unsqueeze(-1)).exp_()  # softmax
+            scale = (grad_flat[start:end] / temperature).unsqueeze(-1)  # [c, 1]
+            block.mul_(-scale)
+            block.scatter_add_(-1, flat_index[start:end].unsqueeze(-1), scale)  # d loss / d logits
+            if need_hidden:
+                grad_hidden[start:end] = block.to(weight.dtype) @ weight  # [c, H]
+            if need_weight:
+                _accumulate_weight_grad(grad_weight, block, chunk_hidden, low_precision_gemm=weight.is_cuda)
+        if need_hidden:
+            grad_hidden = grad_hidden.view(ctx.hidden_shape)
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def selective_log_softmax_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: Optional[int] = None,
+    return_entropy: bool = False,
+):
+    """log_softmax((hidden @ weight.T) / temperature) at `index`; the logits exist one chunk at a time.
+
+    hidden: [..., H] final hidden states (after the last norm); weight: [V, H] the lm_head weight
+    (a bias-free lm_head, as in Llama/Qwen); index: [...] token ids. Backward recomputes each chunk's
+    logits. Returns fp32 logprobs [...] and, with `return_entropy`, the entropy [...] (no gradient).
+    Under ZeRO-3 or FSDP the caller must pass the gathered (full) weight.
+    """
+    _check_temperature(temperature)
+    if hidden.shape[:-1] != index.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and index {tuple(index.shape)} disagree on leading dims")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"lm_head weight must be [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
+    rows = _chunk_rows(chunk_size, weight.shape[0])
+    return _ChunkedLinearLogSoftmax.apply(hidden, weight, index, float(temperature), rows, return_entropy)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Sum of `x` where `mask` is nonzero (mask broadcast to x), over `dim` or everything."""
+    masked = x * mask.to(x.dtype)
+    return masked.sum() if dim is None else masked.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of `x` over the positions where `mask` is nonzero; 0 where there are none."""
+    count = mask.to(x.dtype).expand_as(x)
+    count = count.sum() if dim is None else count.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1.0)
