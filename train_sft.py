@@ -139,7 +139,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         start_step = load_checkpoint(accelerator, resume_path)["step"]
         logger.info("resumed from %s at step %d", resume_path, start_step)
     tracker = Tracker(cfg, accelerator.is_main_process, config_to_dict(cfg), total_steps, resume=start_step > 0)
-    preemption = PreemptionFlag()
+    preemption = PreemptionFlag(cfg.output_dir, accelerator.is_main_process)
     accum = cfg.gradient_accumulation_steps
 
     def evaluate() -> dict:
@@ -221,8 +221,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         logger.info("saved final model to %s", cfg.output_dir)
     if cfg.eval_generation_reward and eval_examples:
         from common.evaluation import format_accuracy_table, greedy_eval
-        result = greedy_eval(cfg, accelerator, model, tokenizer, eval_examples, cfg.eval_generation_reward,
-                             cfg.eval_max_new_tokens, cfg.eval_generation_samples)
+        from common.rewards import get_reward_factory
+        reward_fn = get_reward_factory(cfg.eval_generation_reward)(cfg)
+        result = greedy_eval(accelerator, model, tokenizer, eval_examples, reward_fn, cfg.eval_max_new_tokens,
+                             cfg.eval_generation_samples)
         tracker.log({"eval/greedy_accuracy": result["accuracy"]}, step)
         if accelerator.is_main_process:
             print(format_accuracy_table([(f"SFT {cfg.output_dir}", result)]), flush=True)

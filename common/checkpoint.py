@@ -97,13 +97,18 @@ def load_checkpoint(accelerator, path: Path) -> dict:
 
 
 class PreemptionFlag:
-    """SIGTERM / SIGUSR1 (SLURM's --signal) set a flag; the loop saves and exits at the next step boundary.
+    """Stop cleanly at the next step boundary: save a checkpoint, then exit.
 
+    Triggered by SIGTERM / SIGUSR1 reaching a training process, or by a file `<output_dir>/STOP` (launchers do not
+    always forward signals to workers; slurm/train.sbatch touches the file when SLURM warns of the time limit).
     `should_stop()` agrees across ranks, so every process stops at the same step.
     """
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, output_dir: str, is_main: bool, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.requested = False
+        self.stop_file = Path(output_dir) / "STOP"
+        if is_main and self.stop_file.exists():
+            self.stop_file.unlink()  # left over from the run this one resumes
         for sig in signals:
             try:
                 signal.signal(sig, self._handle)
@@ -114,5 +119,6 @@ class PreemptionFlag:
         self.requested = True
 
     def should_stop(self, accelerator) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        local = self.requested or self.stop_file.exists()
+        flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

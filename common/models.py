@@ -98,3 +98,29 @@ def disable_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def prepare_frozen_model(accelerator, model):
+    """Place a frozen model (reference, teacher) for inference beside the trained one.
+
+    Under DeepSpeed ZeRO-3 it is sharded like the policy (an inference engine without optimizer); under other
+    DeepSpeed stages it is simply replicated. Call after `accelerator.prepare(policy, optimizer)`, which fills the
+    DeepSpeed config's "auto" values. Under ZeRO-3 every rank must run the same number of forwards.
+    """
+    model.eval()
+    model.requires_grad_(False)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return model.to(accelerator.device)
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(plugin.deepspeed_config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    if config.get("zero_optimization", {}).get("stage") != 3:
+        config["zero_optimization"] = {"stage": 0}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
