@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from common.args import CommonArgs
 from common.config import ConfigError, config_to_dict, fail_fast, load_config, save_config
+from common.tracking import setup_logging
 from common.data import IGNORE_INDEX, collate_sft, load_train_eval, pack_examples, tokenize_example
 
 logger = logging.getLogger("train_sft")
@@ -88,8 +89,7 @@ def count_loss_tokens(labels: torch.Tensor) -> int:
 def main(argv: Optional[list[str]] = None) -> None:
     with fail_fast():
         cfg = load_config(Config, argv, description=__doc__)
-    logging.basicConfig(level=logging.DEBUG if cfg.activate_debugging_logs else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(cfg.activate_debugging_logs)
 
     # ----- setup -----------------------------------------------------------------------------------------------------
     from accelerate.utils import set_seed

@@ -65,7 +65,7 @@ class Tracker:
         elapsed = time.time() - self.start_time
         eta = elapsed / max(done, 1) * (self.total_steps - step)
         shown = [f"step {step}/{self.total_steps}"]
-        for key in ("loss", "reward", "eval/loss", "eval/accuracy", "lr", "tokens_per_second"):
+        for key in ("loss", "reward", "kl", "eval/loss", "eval/reward", "eval/greedy_accuracy", "lr", "tokens_per_second"):
             if row.get(key) is not None:
                 value = row[key]
                 shown.append(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}")
@@ -94,3 +94,13 @@ class Tracker:
             self._wandb.finish()
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def setup_logging(debug: bool, is_main: bool = True) -> None:
+    """INFO on rank 0, WARNING elsewhere; libraries' chatty INFO logs (accelerate's per-file saves) kept quiet."""
+    import logging
+    level = logging.DEBUG if debug else logging.INFO if is_main else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    if not debug:
+        for name in ("accelerate", "deepspeed", "httpx", "LiteLLM", "litellm"):
+            logging.getLogger(name).setLevel(logging.WARNING)

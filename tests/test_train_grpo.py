@@ -1,0 +1,99 @@
+"""train_grpo.py end to end on a tiny model: learning from a reward, resume, 2 processes, bad input."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import accelerate_launch, run_python
+
+RECIPE = "configs/recipe/quickstart_grpo.yaml"
+
+
+def grpo_args(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    # reward: the completion starts with a digit; a random tiny model does so ~10 % of the time
+    return ["train_grpo.py", "--config", RECIPE, f"model_name_or_path={model_dir}", f"output_dir={output_dir}",
+            "make_dataset_fn.num_samples=300", "reward_funcs=[format]", r"format_pattern=\d.*",
+            "max_completion_length=4", "train_batch_size=64", "per_device_train_batch_size=32", "num_generations=8",
+            "learning_rate=3e-3", "logging_steps=1", "eval_on_start=false", "do_eval=false", "save_steps=0", *extra]
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def test_grpo_reward_rises_and_logs_its_metrics(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert_ok(run_python(grpo_args(tiny_model_dir, out, "max_steps=30", "beta=0.04", "log_completions=true",
+                                   "logging_prob=0.5")))
+    rows = [r for r in metrics(out) if "reward" in r]
+    rewards = [r["reward"] for r in rows]
+    assert len(rewards) == 30
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3, rewards
+    for key in ("kl", "clip_ratio/region", "frac_zero_std_groups", "rewards/format/mean", "completions/mean_length",
+                "completions/truncated_frac", "time/generate", "time/reward", "time/train", "tokens_per_second"):
+        assert key in rows[-1], key
+    completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert completions and {"prompt", "completion", "reward", "advantage", "step"} <= set(completions[0])
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_grpo_resume_replays_the_same_rollouts(tiny_model_dir, tmp_path):
+    common = ["max_steps=4", "save_steps=2", "save_total_limit=3", "num_iterations=2", "beta=0.04"]
+    straight = tmp_path / "straight"
+    assert_ok(run_python(grpo_args(tiny_model_dir, straight, *common)))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    assert_ok(run_python(grpo_args(tiny_model_dir, resumed, *common, "resume_from_checkpoint=latest")))
+    before = {r["step"]: r for r in metrics(straight)}
+    after = [r for r in metrics(resumed) if "loss" in r]
+    assert [r["step"] for r in after] == [3, 4]
+    assert "reward" in after[0] and "reward" not in after[1]  # step 4 reuses step 3's rollouts (num_iterations=2)
+    for row in after:  # same RNG, same weights -> the same samples, rewards and loss
+        assert row.get("reward") == pytest.approx(before[row["step"]].get("reward"))
+        assert row["loss"] == pytest.approx(before[row["step"]]["loss"], abs=1e-6)
+        assert row["kl"] == pytest.approx(before[row["step"]]["kl"], abs=1e-6)
+
+
+def test_grpo_two_processes_with_reference_and_dapo(tiny_model_dir, tmp_path):
+    out = tmp_path / "two"
+    result = accelerate_launch(grpo_args(tiny_model_dir, out, "max_steps=2", "per_device_train_batch_size=16",
+                                         "beta=0.04", "loss_type=dapo", "num_iterations=2", "save_steps=2"))
+    assert_ok(result)
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["kl"] >= 0 for r in rows)
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["reward_funcs=[acuracy]"], r"unknown \['acuracy'\]; available: .*arithmetic"),
+    (["num_generations=1"], "needs >= 2 completions"),
+    (["num_generations=5"], "does not divide train_batch_size"),
+    (["use_vllm=true"], "not available yet"),
+    (["beta=0.1", "ref_model_name_or_path=./no/such/ref"], "needs a reference model"),
+    (["max_prompt_length=4", "prompt_overflow=error"], "exceed max_prompt_length=4"),
+])
+def test_bad_input_fails_before_models_load(tiny_model_dir, tmp_path, extra, message):
+    out = tmp_path / "never"
+    result = run_python(grpo_args(tiny_model_dir, out, *extra))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.search(message, result.stderr), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_prompt_truncation_is_counted(tiny_model_dir, tmp_path):
+    out = tmp_path / "cut"
+    result = run_python(grpo_args(tiny_model_dir, out, "max_prompt_length=6", "max_steps=1"))
+    assert_ok(result)
+    assert re.search(r"\d+ of \d+ prompts are longer than max_prompt_length=6", result.stderr)

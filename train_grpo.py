@@ -1,0 +1,593 @@
+"""GRPO: sample a group of completions per prompt, score them, and push the policy toward the
+completions that beat their group.
+
+    accelerate launch --config_file accelerate_configs/zero3.yaml train_grpo.py \
+        --config configs/recipe/Y.yaml key=value
+    python train_grpo.py --config configs/recipe/quickstart_grpo.yaml          # CPU quickstart
+
+One step: rollouts (`num_generations` completions per prompt) -> rewards (registered functions,
+weighted sum) -> group advantages `(r - mean_group) / (std_group + eps)` -> the clipped surrogate
+`-min(ratio * A, clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * A)` per token plus
+`beta * k3` KL to the reference model, reduced by `loss_type` (grpo | bnpo | dr_grpo | dapo).
+
+Choices this script makes:
+- `train_batch_size` counts completions per optimizer step (all processes); it holds
+  `train_batch_size / num_generations` prompts, split evenly over processes, each process sampling whole groups.
+- One generation batch serves `num_iterations` optimizer steps; old logprobs are computed once per batch
+  (with `num_iterations == 1` the ratio is exactly 1 and they are not computed at all).
+- Logprobs for the loss come from the training model's own forward; with `unbias_log_probabilities` the
+  logits are divided by the sampling temperature (policy and reference alike).
+- Rollouts use transformers `generate` on the policy itself (the vLLM backends are not available yet).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from common.args import CommonArgs
+from common.config import ConfigError, config_to_dict, fail_fast, load_config, save_config, world_size_from_env
+from common.ops import masked_mean, masked_sum, selective_log_softmax
+from common.rewards import combine_rewards
+from common.tracking import setup_logging
+
+logger = logging.getLogger("train_grpo")
+
+
+@dataclass
+class Config(CommonArgs):
+    # trainer/grpo.yaml (spec defaults)
+    max_steps: int = 200
+    train_batch_size: Optional[int] = 252
+    per_device_train_batch_size: Optional[int] = 3
+    num_generations: Optional[int] = None           # null -> 8
+    learning_rate: float = 1e-6
+    beta: float = 0.04                               # k3 KL coefficient; 0 loads no reference model
+    max_prompt_length: Optional[int] = 2048
+    max_completion_length: int = 16384
+    shuffle_generation_inputs: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    use_vllm: bool = True                            # spec default; the vLLM backend is not available yet
+    vllm_device: str = "auto"
+    vllm_gpu_memory_utilization: float = 0.9
+    vllm_dtype: str = "auto"
+    vllm_max_model_len: Optional[int] = None
+    use_ray: bool = False
+    ray_tensor_parallelism: int = 1
+    enable_prefix_caching: bool = False
+    enforce_eager: bool = True
+    use_vllm_server: bool = False
+    vllm_host: Optional[str] = None
+    vllm_port: Optional[int] = None
+    reward_funcs: list[str] = field(default_factory=lambda: ["math_verify"])
+    reward_weights: Optional[list[float]] = None
+    sync_ref_model: bool = False
+    ref_model_sync_steps: int = 64
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_name_or_path: Optional[str] = None    # null -> model_name_or_path (PEFT: the adapter-free policy)
+    unbias_log_probabilities: bool = True
+    log_completions: bool = False
+    logging_prob: float = 0.1                        # share of completions written when log_completions
+    # loss and advantages
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    num_iterations: int = 1                          # mu: optimizer steps per generation batch
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    mask_truncated_completions: bool = False
+    prompt_overflow: Literal["truncate", "error"] = "truncate"
+    generation_batch_size: Optional[int] = None      # prompts per generate() call; null: all at once
+    # eval: greedy completions on the eval split scored by the reward functions
+    eval_on_start: bool = False
+    eval_max_samples: Optional[int] = 256
+    # reward function settings (common/rewards.py, common/judges.py)
+    math_verify_timeout: int = 5
+    format_pattern: str = "thinking_answer"
+    reward_log_name: Optional[str] = None
+    max_probe_tokens: int = 500
+    teacher_reward: dict = field(default_factory=dict)
+    trainer_log_name: str = "grpo"
+
+    def validate(self) -> None:
+        super().validate()
+        from common.rewards import REWARD_REGISTRY
+        if self.num_generations is None:
+            self.num_generations = 8
+        if self.num_generations < 2:
+            raise ConfigError(f"key 'num_generations' = {self.num_generations}: GRPO needs >= 2 completions per "
+                              f"prompt to compare them")
+        world = world_size_from_env()
+        if self.train_batch_size % self.num_generations:
+            raise ConfigError(f"key 'num_generations' = {self.num_generations} does not divide train_batch_size "
+                              f"{self.train_batch_size} (completions per optimizer step)")
+        prompts = self.train_batch_size // self.num_generations
+        if prompts % world:
+            raise ConfigError(f"train_batch_size / num_generations = {prompts} prompts per step cannot be split "
+                              f"evenly over {world} processes")
+        unknown = [name for name in self.reward_funcs if name not in REWARD_REGISTRY]
+        if unknown or not self.reward_funcs:
+            raise ConfigError(f"key 'reward_funcs' = {self.reward_funcs}: unknown {unknown}; available: "
+                              f"{', '.join(sorted(REWARD_REGISTRY))}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"key 'reward_weights' has {len(self.reward_weights)} entries for "
+                              f"{len(self.reward_funcs)} reward_funcs")
+        if self.use_vllm_server and (not self.vllm_host or not self.vllm_port):
+            raise ConfigError("use_vllm_server=true needs vllm_host and vllm_port")
+        if self.use_vllm_server or self.use_vllm or self.use_ray:
+            raise ConfigError("use_vllm / use_vllm_server / use_ray: the vLLM backends are not available yet; set "
+                              "use_vllm=false use_vllm_server=false to generate with transformers")
+        if self.beta < 0:
+            raise ConfigError(f"key 'beta' = {self.beta}: expected >= 0")
+        if self.beta > 0 and self.sync_ref_model and self.use_peft:
+            raise ConfigError("sync_ref_model=true with use_peft=true: the reference is the adapter-free policy "
+                              "and cannot be synced; set sync_ref_model=false")
+        if self.beta > 0 and not self.use_peft:
+            reference = self.ref_model_name_or_path or self.model_name_or_path
+            looks_like_hub_id = reference.count("/") == 1 and not reference.startswith((".", "/"))
+            if not Path(reference).exists() and not looks_like_hub_id:
+                raise ConfigError(f"beta={self.beta} needs a reference model, but {reference} does not exist; set "
+                                  f"ref_model_name_or_path, use_peft=true, or beta=0")
+        if self.ref_model_name_or_path and self.use_peft:
+            raise ConfigError("ref_model_name_or_path is ignored with use_peft=true (the reference is the "
+                              "adapter-free policy); remove one of them")
+        if self.num_iterations < 1:
+            raise ConfigError(f"key 'num_iterations' = {self.num_iterations}: expected >= 1")
+        if self.loss_type == "dr_grpo" and self.max_completion_length is None:
+            raise ConfigError("loss_type=dr_grpo needs max_completion_length")
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: Optional[torch.Tensor],
+    ref_logps: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "grpo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.04,
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch=None,
+):
+    """Clipped GRPO surrogate + k3 KL for one micro-batch -> (loss, metrics).
+
+    logps, old_logps, ref_logps, mask: [B, T] over completion tokens; advantages: [B].
+    `old_logps` None means the rollout policy is the current one (ratio 1, gradient intact);
+    `ref_logps` may be None only when beta == 0. Reductions of the per-token loss L:
+      grpo     mean over each sequence's tokens, then over the B sequences
+      bnpo     sum(L) / number of unmasked tokens in this micro-batch
+      dr_grpo  sum(L) / (B * max_completion_length)
+      dapo     sum(L) / num_items_in_batch, the unmasked token count of the whole optimizer step
+               (all processes, all accumulation micro-batches). Each micro-batch's loss is then its
+               share of one global token mean: sum the micro-batch losses over accumulation and
+               processes (scale by the world size under DDP gradient averaging), do not average them.
+    Metrics (detached 0-d tensors, token means over `mask`): kl (when ref_logps is given),
+    clip_ratio/low (ratio < 1 - epsilon_low with A < 0), clip_ratio/high (ratio > 1 + epsilon_high
+    with A > 0), clip_ratio/region (either: the tokens whose gradient the clip removes).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    if ref_logps is None and beta != 0.0:
+        raise ValueError(f"ref_logps is required when beta != 0 (beta={beta})")
+    if logps.dim() != 2 or advantages.shape != logps.shape[:1] or mask.shape != logps.shape:
+        raise ValueError(
+            f"expected logps/mask [B, T] and advantages [B]; got logps {tuple(logps.shape)}, "
+            f"mask {tuple(mask.shape)}, advantages {tuple(advantages.shape)}"
+        )
+    mask = mask.to(logps.dtype)  # [B, T]
+    if old_logps is None:
+        old_logps = logps.detach()
+    advantages = advantages.to(logps.dtype).unsqueeze(1)  # [B, 1]
+
+    ratio = torch.exp(logps - old_logps)  # [B, T]
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [B, T]
+    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # [B, T]
+
+    per_token_kl = None
+    if ref_logps is not None:
+        log_ref_over_policy = ref_logps - logps  # [B, T]
+        per_token_kl = torch.exp(log_ref_over_policy) - log_ref_over_policy - 1  # [B, T] k3 >= 0
+        if beta != 0.0:
+            per_token_loss = per_token_loss + beta * per_token_kl
+
+    if loss_type == "grpo":
+        loss = masked_mean(per_token_loss, mask, dim=1).mean()
+    elif loss_type == "bnpo":
+        loss = masked_mean(per_token_loss, mask)
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+        loss = masked_sum(per_token_loss, mask) / (logps.shape[0] * max_completion_length)
+    else:  # dapo
+        if num_items_in_batch is None:
+            raise ValueError("loss_type 'dapo' needs num_items_in_batch (completion tokens in the optimizer step)")
+        num_items = torch.as_tensor(num_items_in_batch, dtype=logps.dtype, device=logps.device)
+        loss = masked_sum(per_token_loss, mask) / num_items.clamp(min=1.0)
+
+    with torch.no_grad():
+        is_low_clipped = (ratio < 1 - epsilon_low) & (advantages < 0)  # [B, T]
+        is_high_clipped = (ratio > 1 + epsilon_high) & (advantages > 0)  # [B, T]
+        metrics = {
+            "clip_ratio/low": masked_mean(is_low_clipped.to(mask.dtype), mask),
+            "clip_ratio/high": masked_mean(is_high_clipped.to(mask.dtype), mask),
+            "clip_ratio/region": masked_mean((is_low_clipped | is_high_clipped).to(mask.dtype), mask),
+        }
+        if per_token_kl is not None:
+            metrics["kl"] = masked_mean(per_token_kl, mask)
+    return loss, metrics
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    eps: float = 1e-4,
+):
+    """Group-relative advantages -> (advantages [N], stats).
+
+    rewards: [N] float, N = groups * num_generations with each group's completions adjacent;
+    NaN marks a missing reward (every function returned None). A NaN reward is left out of its
+    group's statistics and gets advantage 0. advantage = (r - mean_group) / (std + eps), where
+    std (unbiased, over non-NaN rewards) is the group's ("group"), the whole batch's ("batch"),
+    or no division at all ("none"). A group with fewer than two rewards has std 0.
+    stats (floats): reward_mean, reward_std (over non-NaN rewards), frac_reward_none, and
+    frac_zero_std_groups: groups whose rewards all agree (or number < 2), so carry no signal.
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, got {scale_rewards!r}")
+    if rewards.dim() != 1 or num_generations < 1 or rewards.numel() % num_generations:
+        raise ValueError(
+            f"rewards must be [N] with N a multiple of num_generations={num_generations}; got {tuple(rewards.shape)}"
+        )
+    grouped = rewards.view(-1, num_generations)  # [G, K]
+    valid = ~torch.isnan(grouped)  # [G, K]
+    filled = torch.where(valid, grouped, torch.zeros_like(grouped))  # [G, K]
+    count = valid.sum(dim=1, keepdim=True).to(rewards.dtype)  # [G, 1]
+    mean = filled.sum(dim=1, keepdim=True) / count.clamp(min=1.0)  # [G, 1]
+    centered = torch.where(valid, grouped - mean, torch.zeros_like(grouped))  # [G, K]
+    group_std = (centered.square().sum(dim=1, keepdim=True) / (count - 1).clamp(min=1.0)).sqrt()  # [G, 1]
+
+    all_valid = rewards[~torch.isnan(rewards)]  # [M]
+    batch_std = all_valid.std() if all_valid.numel() > 1 else rewards.new_zeros(())
+    if scale_rewards == "group":
+        advantages = centered / (group_std + eps)
+    elif scale_rewards == "batch":
+        advantages = centered / (batch_std + eps)
+    else:
+        advantages = centered
+
+    no_signal = (count < 2) | torch.isclose(group_std, torch.zeros_like(group_std))  # [G, 1]
+    stats = {
+        "reward_mean": all_valid.mean().item() if all_valid.numel() else float("nan"),
+        "reward_std": batch_std.item(),
+        "frac_reward_none": 1.0 - all_valid.numel() / rewards.numel(),
+        "frac_zero_std_groups": no_signal.float().mean().item(),
+    }
+    return advantages.reshape(-1), stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batching and logprobs
+# ---------------------------------------------------------------------------------------------------------------------
+
+def rollout_batch(rollouts: list, pad_token_id: int, mask_truncated: bool) -> dict[str, torch.Tensor]:
+    """Rollouts -> [left-padded prompt | right-padded completion] tensors for one forward pass."""
+    prompt_width = max(len(r.prompt_ids) for r in rollouts)
+    completion_width = max(max(len(r.completion_ids) for r in rollouts), 1)
+    rows = len(rollouts)
+    input_ids = torch.full((rows, prompt_width + completion_width), pad_token_id, dtype=torch.long)  # [B, P+C]
+    attention_mask = torch.zeros_like(input_ids)                                                     # [B, P+C]
+    completion_mask = torch.zeros((rows, completion_width), dtype=torch.float32)                     # [B, C]
+    for i, rollout in enumerate(rollouts):
+        p, c = len(rollout.prompt_ids), len(rollout.completion_ids)
+        input_ids[i, prompt_width - p: prompt_width] = torch.tensor(rollout.prompt_ids)
+        input_ids[i, prompt_width: prompt_width + c] = torch.tensor(rollout.completion_ids, dtype=torch.long)
+        attention_mask[i, prompt_width - p: prompt_width + c] = 1
+        if not (mask_truncated and rollout.finish_reason == "length"):
+            completion_mask[i, :c] = 1.0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+C] positions ignore the left padding
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "completion_mask": completion_mask, "completion_width": completion_width}
+
+
+def completion_logprobs(model, batch: dict, temperature: float) -> torch.Tensor:
+    """Per-token logprobs of the completion tokens under `model`: [B, C]. Only the completion's logits are made."""
+    width = batch["completion_width"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], logits_to_keep=width + 1, use_cache=False).logits  # [B, C+1, V]
+    completion_ids = batch["input_ids"][:, -width:]                                                         # [B, C]
+    return selective_log_softmax(logits[:, :-1], completion_ids, temperature=temperature)                  # [B, C]
+
+
+def score_rollouts(reward_functions: list, inputs: list) -> torch.Tensor:
+    """[N, F] rewards, NaN where a function returned None (not applicable)."""
+    columns = []
+    for name, function in reward_functions:
+        values = function(inputs)
+        if len(values) != len(inputs):
+            raise RuntimeError(f"reward function {name!r} returned {len(values)} values for {len(inputs)} samples")
+        columns.append([math.nan if v is None else float(v) for v in values])
+    return torch.tensor(columns, dtype=torch.float32).T.reshape(len(inputs), len(columns))
+
+
+def weighted_rewards(per_function: torch.Tensor, weights: Optional[list[float]]) -> torch.Tensor:
+    """[N, F] (NaN = None) -> [N] through `combine_rewards`; NaN where every function returned None."""
+    columns = [[None if math.isnan(v) else v for v in column] for column in per_function.T.tolist()]
+    combined = combine_rewards(columns, weights)
+    return torch.tensor([math.nan if r is None else r for r in combined], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------------
+
+def main(argv: Optional[list[str]] = None) -> None:
+    with fail_fast():
+        cfg = load_config(Config, argv, description=__doc__)
+    setup_logging(cfg.activate_debugging_logs)
+
+    # ----- setup -----------------------------------------------------------------------------------------------------
+    from accelerate.utils import gather_object, set_seed
+
+    from common.checkpoint import PreemptionFlag, load_checkpoint, resolve_resume_path, save_checkpoint, save_model
+    from common.data import load_train_eval, render_prompt
+    from common.evaluation import build_reward_inputs, greedy_eval
+    from common.models import load_causal_lm, load_tokenizer, prepare_frozen_model
+    from common.rewards import get_reward_factory
+    from common.rollout import HFGenerateEngine, SamplingParams, truncate_prompts
+    from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
+                                shard)
+    from common.tracking import Tracker
+
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    use_bf16 = cfg.bf16 and bf16_supported()
+    group = cfg.num_generations
+    prompts_per_step = cfg.train_batch_size // group
+    accum = cfg.gradient_accumulation_steps
+
+    # ----- data and rewards (before models: bad input fails fast) ----------------------------------------------------
+    with fail_fast():
+        resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
+        train_examples, eval_examples = load_train_eval(cfg)
+        if len(train_examples) < prompts_per_step:
+            raise ValueError(f"{len(train_examples)} training prompts, fewer than the {prompts_per_step} prompts per "
+                             f"step (train_batch_size / num_generations)")
+        reward_functions = [(name, get_reward_factory(name)(cfg)) for name in cfg.reward_funcs]
+        tokenizer = load_tokenizer(cfg)
+        prompt_texts = [render_prompt(tokenizer, e.prompt) for e in train_examples]
+        all_prompt_ids, num_truncated = truncate_prompts(
+            [tokenizer(text, add_special_tokens=False).input_ids for text in prompt_texts], cfg.max_prompt_length,
+            on_overflow=cfg.prompt_overflow)
+    if num_truncated:
+        logger.warning("%d of %d prompts are longer than max_prompt_length=%d tokens: their start is cut off "
+                       "(set prompt_overflow=error to stop instead)", num_truncated, len(all_prompt_ids),
+                       cfg.max_prompt_length)
+    rounds_per_epoch = len(train_examples) // prompts_per_step
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(
+        1, math.ceil(rounds_per_epoch * cfg.num_train_epochs) * cfg.num_iterations)
+    if accelerator.is_main_process:
+        save_config(cfg, cfg.output_dir)
+    logger.info("%d train prompts, %d eval, %d prompts x %d completions per step, %d steps", len(train_examples),
+                len(eval_examples), prompts_per_step, group, total_steps)
+
+    def combined_reward(inputs: list) -> list:
+        rewards = weighted_rewards(score_rollouts(reward_functions, inputs), cfg.reward_weights)
+        return [None if math.isnan(r) else float(r) for r in rewards.tolist()]
+
+    # ----- models ----------------------------------------------------------------------------------------------------
+    model = load_causal_lm(cfg, use_bf16=use_bf16)
+    reference = None
+    if cfg.beta != 0 and not cfg.use_peft:
+        reference = load_causal_lm(cfg, cfg.ref_model_name_or_path or cfg.model_name_or_path, use_bf16=use_bf16,
+                                   trainable=False)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    if reference is not None:
+        reference = prepare_frozen_model(accelerator, reference)
+
+    start_step = 0
+    if resume_path is not None:
+        start_step = load_checkpoint(accelerator, resume_path)["step"]
+        if reference is not None and cfg.sync_ref_model and (resume_path / "ref_model").is_dir():
+            synced = load_causal_lm(cfg, str(resume_path / "ref_model"), use_bf16=use_bf16, trainable=False)
+            accelerator.unwrap_model(reference).load_state_dict(synced.state_dict())
+        logger.info("resumed from %s at step %d", resume_path, start_step)
+    tracker = Tracker(cfg, accelerator.is_main_process, config_to_dict(cfg), total_steps, resume=start_step > 0)
+    preemption = PreemptionFlag(cfg.output_dir, accelerator.is_main_process)
+    engine = HFGenerateEngine(model, tokenizer, accelerator=accelerator, batch_size=cfg.generation_batch_size)
+    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+                              repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_completion_length,
+                              num_generations=group)
+    logprob_temperature = cfg.temperature if cfg.unbias_log_probabilities and cfg.temperature > 0 else 1.0
+
+    def reference_logprobs(batch: dict) -> Optional[torch.Tensor]:
+        if cfg.beta == 0:
+            return None
+        with torch.no_grad():
+            if reference is not None:
+                return completion_logprobs(reference, batch, logprob_temperature)
+            with accelerator.unwrap_model(model).disable_adapter():  # PEFT: the base model is the reference
+                return completion_logprobs(model, batch, logprob_temperature)
+
+    def evaluate(step: int) -> dict:
+        result = greedy_eval(accelerator, model, tokenizer, eval_examples, combined_reward, cfg.max_completion_length,
+                             cfg.eval_max_samples, batch_size=cfg.per_device_eval_batch_size * 8)
+        metrics = {"eval/reward": result["accuracy"], "eval/num_samples": result["num_scored"]}
+        tracker.log(metrics, step)
+        return result
+
+    start_eval = evaluate(start_step) if cfg.eval_on_start and eval_examples and cfg.do_eval else None
+
+    # ----- train -----------------------------------------------------------------------------------------------------
+    model.train()
+    micro_batches: list[dict] = []
+    step = start_step
+    for step in range(start_step + 1, total_steps + 1):
+        step_start = time.time()
+        metrics: dict[str, float] = {}
+        if (step - 1) % cfg.num_iterations == 0 or not micro_batches:
+            # ----- rollout ---------------------------------------------------------------------------------------
+            generation_round = (step - 1) // cfg.num_iterations
+            epoch, round_in_epoch = divmod(generation_round, rounds_per_epoch)
+            prompt_indices = global_batches(len(train_examples), prompts_per_step, cfg.seed, epoch,
+                                            cfg.shuffle_generation_inputs)[round_in_epoch]
+            local_indices = shard(prompt_indices, rank, world)
+            rollouts = engine.generate([all_prompt_ids[i] for i in local_indices], sampling)  # prompts x G, grouped
+            generate_seconds = time.time() - step_start
+
+            # ----- reward ----------------------------------------------------------------------------------------
+            reward_start = time.time()
+            sources = [local_indices[r.prompt_index] for r in rollouts]
+            inputs = build_reward_inputs([train_examples[i] for i in sources], [r.completion_text for r in rollouts],
+                                         [prompt_texts[i] for i in sources])
+            per_function = score_rollouts(reward_functions, inputs)                       # [N_local, F]
+            all_per_function = accelerator.gather(per_function.to(accelerator.device)).cpu()   # [N, F]
+            all_rewards = weighted_rewards(all_per_function, cfg.reward_weights)         # [N]
+            advantages, reward_stats = group_advantages(all_rewards, group, cfg.scale_rewards)
+            local_advantages = advantages.view(world, -1)[rank]                          # this rank's groups
+            reward_seconds = time.time() - reward_start
+            for f, (name, function) in enumerate(reward_functions):
+                column = all_per_function[:, f]
+                metrics[f"rewards/{name}/mean"] = column.nanmean().item()
+                metrics[f"rewards/{name}/std"] = column[~column.isnan()].std().item() if (~column.isnan()).sum() > 1 \
+                    else 0.0
+                if hasattr(function, "pop_metrics"):
+                    metrics.update(function.pop_metrics())
+            metrics.update({"reward": reward_stats["reward_mean"], "reward_std": reward_stats["reward_std"],
+                            "frac_reward_none": reward_stats["frac_reward_none"],
+                            "frac_zero_std_groups": reward_stats["frac_zero_std_groups"]})
+            lengths = torch.tensor([float(len(r.completion_ids)) for r in rollouts], device=accelerator.device)
+            truncated = torch.tensor([float(r.finish_reason == "length") for r in rollouts], device=accelerator.device)
+            all_lengths, all_truncated = accelerator.gather(lengths), accelerator.gather(truncated)
+            metrics.update({"completions/mean_length": all_lengths.mean().item(),
+                            "completions/max_length": all_lengths.max().item(),
+                            "completions/truncated_frac": all_truncated.mean().item(),
+                            "time/generate": generate_seconds, "time/reward": reward_seconds})
+            if cfg.log_completions:
+                picker = random.Random(cfg.seed * 1_000_003 + step)
+                rows = [{"prompt": inp.prompt, "completion": inp.completion, "ground_truth": inp.ground_truth,
+                         "reward": None if math.isnan(float(all_rewards.view(world, -1)[rank][i])) else
+                         float(all_rewards.view(world, -1)[rank][i]), "advantage": float(local_advantages[i])}
+                        for i, inp in enumerate(inputs) if picker.random() < cfg.logging_prob]
+                tracker.log_completions(gather_object(rows), step)
+
+            # ----- old and reference logprobs, once per generation batch -----------------------------------------
+            micro_batches = []
+            for start in range(0, len(rollouts), cfg.per_device_train_batch_size):
+                chunk = rollouts[start: start + cfg.per_device_train_batch_size]
+                batch = rollout_batch(chunk, tokenizer.pad_token_id, cfg.mask_truncated_completions)
+                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch["advantages"] = local_advantages[start: start + len(chunk)].to(accelerator.device)
+                with torch.no_grad():
+                    batch["old_logps"] = (completion_logprobs(model, batch, logprob_temperature)
+                                          if cfg.num_iterations > 1 else None)
+                batch["ref_logps"] = reference_logprobs(batch)
+                micro_batches.append(batch)
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+            metrics["tokens"] = accelerator.reduce(torch.tensor(float(tokens), device=accelerator.device), "sum").item()
+
+        # ----- update ----------------------------------------------------------------------------------------------
+        train_start = time.time()
+        local_items = sum(float(b["completion_mask"].sum()) for b in micro_batches)
+        num_items = accelerator.reduce(torch.tensor(local_items, device=accelerator.device), "sum")
+        # dapo divides by the step's global token count: undo accelerate's 1/accum and DDP's 1/world
+        scale = accum * world if cfg.loss_type == "dapo" else 1.0
+        sums = torch.zeros(5, device=accelerator.device)  # loss, kl, clip low, clip high, clip region
+        for batch in micro_batches:
+            with accelerator.accumulate(model):
+                logps = completion_logprobs(model, batch, logprob_temperature)                          # [B, C]
+                loss, loss_metrics = grpo_loss(
+                    logps, batch["old_logps"], batch["ref_logps"], batch["advantages"], batch["completion_mask"],
+                    loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+                    beta=cfg.beta, max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items)
+                accelerator.backward(loss * scale)
+            sums += torch.stack([loss.detach() * scale / accum, loss_metrics.get("kl", torch.zeros(())).detach(),
+                                 loss_metrics["clip_ratio/low"], loss_metrics["clip_ratio/high"],
+                                 loss_metrics["clip_ratio/region"]]).to(sums.device)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if reference is not None and cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
+            sync_reference(accelerator, model, reference, cfg.ref_model_mixup_alpha)
+
+        # ----- log -------------------------------------------------------------------------------------------------
+        totals = accelerator.reduce(sums, reduction="mean")
+        elapsed = time.time() - step_start
+        metrics.update({"loss": totals[0].item(),
+                        "clip_ratio/low": totals[2].item() / len(micro_batches),
+                        "clip_ratio/high": totals[3].item() / len(micro_batches),
+                        "clip_ratio/region": totals[4].item() / len(micro_batches),
+                        "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                        "lr": scheduler.get_last_lr()[0], "time/train": time.time() - train_start,
+                        "step_seconds": elapsed})
+        if cfg.beta != 0:
+            metrics["kl"] = totals[1].item() / len(micro_batches)
+        if "tokens" in metrics:
+            metrics["tokens_per_second"] = metrics.pop("tokens") / max(elapsed, 1e-9)
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            tracker.log(metrics, step)
+        if cfg.do_eval and eval_examples and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step != total_steps:
+            evaluate(step)
+
+        # ----- checkpoint ------------------------------------------------------------------------------------------
+        stop = preemption.should_stop(accelerator)
+        if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or stop:
+            extra = {"ref_model": reference} if reference is not None and cfg.sync_ref_model else None
+            save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step,
+                            {"generation_round": step // cfg.num_iterations}, cfg.save_total_limit, extra_models=extra)
+        if stop:
+            logger.warning("preemption signal received: saved checkpoint-%d and stopping", step)
+            tracker.close()
+            return
+
+    # ----- final save and eval ---------------------------------------------------------------------------------------
+    save_model(accelerator, model, tokenizer, Path(cfg.output_dir))
+    if cfg.do_eval and eval_examples:
+        final_eval = evaluate(step)
+        if accelerator.is_main_process:
+            from common.evaluation import format_accuracy_table
+            rows = ([(f"start ({cfg.model_name_or_path})", start_eval)] if start_eval else []) + [
+                (f"GRPO ({cfg.output_dir})", final_eval)]
+            print(format_accuracy_table(rows), flush=True)
+    tracker.close()
+    accelerator.end_training()
+
+
+def sync_reference(accelerator, model, reference, alpha: float) -> None:
+    """reference <- alpha * policy + (1 - alpha) * reference (TR-DPO style mixup), gathered under ZeRO-3."""
+    policy_params = list(accelerator.unwrap_model(model).parameters())
+    reference_params = list(accelerator.unwrap_model(reference).parameters())
+    plugin = accelerator.state.deepspeed_plugin
+    zero3 = plugin is not None and plugin.zero_stage == 3
+    for policy_param, reference_param in zip(policy_params, reference_params):
+        if zero3:
+            import deepspeed
+            with deepspeed.zero.GatheredParameters([policy_param, reference_param], modifier_rank=0):
+                if accelerator.is_main_process:
+                    reference_param.data.mul_(1 - alpha).add_(policy_param.data, alpha=alpha)
+        else:
+            reference_param.data.mul_(1 - alpha).add_(policy_param.data.to(reference_param.dtype), alpha=alpha)
+
+
+if __name__ == "__main__":
+    main()
