@@ -130,3 +130,33 @@ def test_missing_preset_file_is_one_clear_error(tmp_path):
     result = run_python(["train_sft.py", "--config", str(tmp_path / "missing.yaml")])
     assert result.returncode != 0 and "config file not found" in result.stderr
     assert result.stderr.count("Traceback") == 0
+
+
+@pytest.mark.parametrize("how", ["sigterm", "stop_file"])
+def test_preemption_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path, how):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    out = tmp_path / how
+    args = sft_args(tiny_model_dir, out, "max_steps=100000", "train_batch_size=8", "per_device_train_batch_size=8",
+                    "save_steps=0")
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for line in process.stderr:
+        if line.startswith("step 3/"):
+            if how == "sigterm":
+                process.send_signal(signal.SIGTERM)
+            else:
+                (out / "STOP").touch()
+            break
+    _, rest = process.communicate(timeout=300)
+    assert process.returncode == 0, rest[-3000:]
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
+    step = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]
+    assert 3 <= step < 100000
+    assert not (out / "model.safetensors").exists()  # stopped before the end: no final save
+    assert not list(out.glob("*.tmp"))
