@@ -457,3 +457,13 @@ def fail_fast():
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """Command-line `key=value` arguments with secret-looking keys' values replaced (trackers record argv)."""
+    redacted = []
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        last = key.lstrip("+").split(".")[-1]
+        redacted.append(f"{key}=<redacted>" if sep and SECRET_KEY_PATTERN.search(last) else arg)
+    return redacted

@@ -37,6 +37,9 @@ class Tracker:
         self._completions_path = out / "completions.jsonl"
         if "wandb" in cfg.report_to:
             import wandb
+
+            from common.config import redact_argv
+            sys.argv[:] = redact_argv(sys.argv)  # wandb stores the command line with the run
             self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=config_dict,
                                      dir=str(out), resume="allow" if resume else None)
         if "tensorboard" in cfg.report_to:

@@ -1,0 +1,37 @@
+"""Experiment trackers and plotting: wandb (offline) and tensorboard get the metrics, never the secrets."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_python
+
+
+def test_wandb_and_tensorboard_receive_metrics_but_no_secrets(tiny_model_dir, tmp_path):
+    out = tmp_path / "tracked"
+    secret = "sk-test-0123456789abcdef"
+    result = run_python(
+        ["train_sft.py", "--config", "configs/recipe/quickstart_sft.yaml", f"model_name_or_path={tiny_model_dir}",
+         f"output_dir={out}", "make_dataset_fn.num_samples=100", "max_steps=2", "train_batch_size=8",
+         "per_device_train_batch_size=8", "report_to=[wandb,tensorboard]", "save_steps=0",
+         "eval_generation_reward=null", "system_prompt=${env:TRACKING_TEST_SECRET}",
+         f"make_dataset_fn.api_key={secret}"],
+        env={"WANDB_MODE": "offline", "TRACKING_TEST_SECRET": secret})
+    assert result.returncode == 0, result.stderr[-4000:]
+    wandb_files = [p for p in (out / "wandb").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in wandb_files)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    for path in [*wandb_files, out / "config.yaml", out / "metrics.jsonl"]:
+        assert secret.encode() not in path.read_bytes(), path
+    assert secret not in result.stdout + result.stderr
+
+
+def test_plot_metrics_writes_a_png(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-3}) for s in range(1, 6)) + "\n")
+    result = run_python(["scripts/plot_metrics.py", str(metrics)])
+    assert result.returncode == 0, result.stderr
+    png = tmp_path / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run_python(["scripts/plot_metrics.py", str(metrics), "--keys", "reward"])
+    assert bad.returncode != 0 and "none of the requested metrics" in bad.stderr
