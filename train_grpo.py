@@ -94,7 +94,6 @@ class Config(CommonArgs):
     math_verify_timeout: int = 5
     format_pattern: str = "thinking_answer"
     reward_log_name: Optional[str] = None
-    max_probe_tokens: int = 500
     teacher_reward: dict = field(default_factory=dict)
     trainer_log_name: str = "grpo"
 
@@ -344,7 +343,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ----- setup -----------------------------------------------------------------------------------------------------
     from accelerate.utils import gather_object, set_seed
 
-    from common.checkpoint import PreemptionFlag, load_checkpoint, resolve_resume_path, save_checkpoint, save_model
+    from common.checkpoint import (PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path,
+                                   save_checkpoint, save_model)
     from common.data import load_train_eval, render_prompt
     from common.evaluation import build_reward_inputs, greedy_eval
     from common.models import load_causal_lm, load_tokenizer, prepare_frozen_model
@@ -562,6 +562,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     # ----- final save and eval ---------------------------------------------------------------------------------------
     save_model(accelerator, model, tokenizer, Path(cfg.output_dir))
+    if cfg.push_to_hub:
+        push_final_model(accelerator, cfg.output_dir, cfg.hub_model_id)
     if cfg.do_eval and eval_examples:
         final_eval = evaluate(step)
         if accelerator.is_main_process:

@@ -94,7 +94,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ----- setup -----------------------------------------------------------------------------------------------------
     from accelerate.utils import set_seed
 
-    from common.checkpoint import PreemptionFlag, load_checkpoint, resolve_resume_path, save_checkpoint, save_model
+    from common.checkpoint import (PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path,
+                                   save_checkpoint, save_model)
     from common.models import count_parameters, load_causal_lm, load_tokenizer
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
                                 shard, total_optimizer_steps)
@@ -219,6 +220,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     save_model(accelerator, model, tokenizer, Path(cfg.output_dir))
     if accelerator.is_main_process:
         logger.info("saved final model to %s", cfg.output_dir)
+    if cfg.push_to_hub:
+        push_final_model(accelerator, cfg.output_dir, cfg.hub_model_id)
     if cfg.eval_generation_reward and eval_examples:
         from common.evaluation import format_accuracy_table, greedy_eval
         from common.rewards import get_reward_factory

@@ -83,10 +83,9 @@ class TrainerArgs:
     resume_from_checkpoint: Optional[str] = None            # a checkpoint path or "latest"
     report_to: list[str] = field(default_factory=list)      # wandb, tensorboard; console and JSONL always
     wandb_project: Optional[str] = None
-    push_to_hub: bool = False
+    push_to_hub: bool = False                               # upload the final model (private repo)
     hub_model_id: Optional[str] = None
     activate_debugging_logs: bool = False
-    dataloader_num_workers: int = 0
 
 
 @dataclass
@@ -104,6 +103,8 @@ class CommonArgs(TrainerArgs, DataArgs, ModelArgs):
             raise ConfigError(f"key 'warmup_ratio' = {self.warmup_ratio}: expected a value in [0, 1]")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("push_to_hub=true needs hub_model_id (e.g. my-org/teacher-sft)")
         unknown = set(self.report_to) - {"wandb", "tensorboard", "none"}
         if unknown:
             raise ConfigError(f"key 'report_to' has {sorted(unknown)}: expected a list of wandb, tensorboard")

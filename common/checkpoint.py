@@ -122,3 +122,15 @@ class PreemptionFlag:
         local = self.requested or self.stop_file.exists()
         flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def push_final_model(accelerator, output_dir: str, repo_id: str) -> None:
+    """Upload the final model directory to the Hugging Face Hub (rank 0; needs network and a token)."""
+    if not accelerator.is_main_process:
+        return
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True, private=True)
+    api.upload_folder(repo_id=repo_id, folder_path=output_dir,
+                      ignore_patterns=["checkpoint-*", "*.tmp", "wandb/*", "tensorboard/*", "STOP"])
