@@ -22,7 +22,8 @@ also a student plan), process needs a trace, guidance or answer.
 All calls of a batch run concurrently on one event loop (its own thread), at most
 `parallel_execution.max_workers` in flight. Each call has a `timeout` and `max_retries` retries
 with exponential backoff; a call that fails after the last retry leaves its sample missing.
-Successful replies are cached in SQLite keyed by model, temperature and the full prompt.
+Successful replies are cached in SQLite keyed by model, temperature and the full prompt; a step's
+new replies are written in one transaction when the step ends (later calls of the step see them).
 
 GRPO mapping (`RewardInput` -> `Trajectory`), `completion_as` = "guidance" (teacher training):
   question        <- metadata["question"], else the last user message, else the prompt text
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -447,9 +449,16 @@ class ReplyCache:
         return row[0] if row else None
 
     def put(self, key: str, model: str, temperature: float, reply: str) -> None:
+        self.put_many([(key, model, temperature, reply)])
+
+    def put_many(self, rows: list[tuple[str, str, float, str]]) -> None:
+        """(key, model, temperature, reply) rows in one transaction: one commit (fsync) for all."""
+        if not rows:
+            return
+        now = time.time()
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
-                             (key, model, temperature, reply, time.time()))
+            self._db.executemany("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
+                                 [(*row, now) for row in rows])
             self._db.commit()
 
     def close(self) -> None:
@@ -477,6 +486,8 @@ class _Window:
     latencies: list = field(default_factory=list)
     judge_scores: dict = field(default_factory=dict)
     last_error: str = ""
+    # key -> (key, model, temperature, reply) replies of this step not yet written to the cache
+    new_replies: dict = field(default_factory=dict)
 
     def as_metrics(self, prefix: str = "judge/") -> dict[str, float]:
         out = {
@@ -498,12 +509,29 @@ class _Window:
 # =============================================================================================
 # The reward
 # =============================================================================================
-def _litellm():
-    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"   # use the bundled price map, fetch nothing
-    import litellm
+_LITELLM = None
+_LITELLM_LOCK = threading.Lock()
 
-    litellm.suppress_debug_info = True
-    return litellm
+
+def _litellm():
+    """litellm, imported and configured once per process."""
+    global _LITELLM
+    if _LITELLM is not None:
+        return _LITELLM
+    with _LITELLM_LOCK:
+        if _LITELLM is None:
+            os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"   # use the bundled price map, fetch nothing
+            import litellm
+
+            litellm.suppress_debug_info = True
+            # Importing litellm leaves ~360k long-lived objects (price map, schemas) in the cyclic
+            # GC's care; each full collection during a batch then walks all of them (~0.35 s on a
+            # loaded 2-core host), stalling every call in flight on the loop thread. Freezing takes
+            # what exists now out of the collector's scans; objects made later are collected as usual.
+            gc.collect()
+            gc.freeze()
+            _LITELLM = litellm
+    return _LITELLM
 
 
 class _LoopThread:
@@ -571,7 +599,13 @@ class RIMReward:
         # math-verify's timeout needs the main thread: check leaks here, before the event loop.
         leaks = [self._answer_leaked(t) for t in trajectories]
         step = _Window()
-        results = _judge_loop().run(self._score_batch(trajectories, leaks, step))
+        try:
+            results = _judge_loop().run(self._score_batch(trajectories, leaks, step))
+        finally:
+            # One commit per step, from this thread: a commit per reply (an fsync each) on the
+            # event loop stalled every call in flight behind it.
+            if self.cache is not None:
+                self.cache.put_many(list(step.new_replies.values()))
         self._merge(step)
         self._check_failures(step)
         return results
@@ -633,7 +667,10 @@ class RIMReward:
     async def _call(self, model: str, temperature: float, messages: list[dict], step: _Window) -> Optional[Verdict]:
         """One judge sample: cache, then the provider with retries. None when every attempt failed."""
         key = ReplyCache.key(model, temperature, messages) if self.cache else None
-        cached = self.cache.get(key) if self.cache else None
+        cached = None
+        if self.cache:
+            pending = step.new_replies.get(key)   # answered earlier in this step, not yet written
+            cached = pending[3] if pending else self.cache.get(key)
         if cached is not None:
             try:
                 verdict = parse_verdict(cached)
@@ -673,7 +710,7 @@ class RIMReward:
             else:
                 step.cost_usd += cost
             if self.cache:
-                self.cache.put(key, model, temperature, reply)
+                step.new_replies[key] = (key, model, temperature, reply)
             return dataclasses.replace(verdict, model=model, temperature=temperature)
         step.failures += 1
         return None
@@ -717,6 +754,8 @@ class RIMReward:
                     w.judge_scores.setdefault(judge, []).extend(scores)
             elif name == "last_error":
                 w.last_error = step.last_error or w.last_error
+            elif name == "new_replies":
+                continue   # written to the cache by score(); not a metric
             else:
                 setattr(w, name, getattr(w, name) + getattr(step, name))
 

@@ -251,6 +251,21 @@ def test_second_run_is_served_from_the_cache(server, tmp_path):
     assert len(server.requests) == 9
 
 
+def test_a_step_that_stops_the_run_still_caches_its_successful_replies(server, tmp_path):
+    hottest = max(stub_config(server).temperatures)
+    server.reply = lambda r: StubReply(status=500) if r.temperature == hottest else StubReply(content=verdict(0.5))
+    config = stub_config(server, **only("accuracy", cache=True, max_retries=0,
+                                        failure_stop={"max_failure_rate": 0.2, "consecutive_steps": 1}))
+    with pytest.raises(JudgeFailureError):
+        RIMReward(config, cache_path=str(tmp_path / "cache.sqlite")).score([TRAJ])
+    sent = len(server.requests)
+    server.reply = lambda r: StubReply(content=verdict(0.5))
+    again = RIMReward(config, cache_path=str(tmp_path / "cache.sqlite"))
+    assert again.score([TRAJ])[0].reward == 0.5
+    assert [r.temperature for r in server.requests[sent:]] == [hottest]   # only the failed sample is asked again
+    assert again.pop_metrics()["judge/cache_hits"] == len(config.temperatures) - 1
+
+
 def test_cost_and_latency_come_from_litellm(server):
     import litellm
 
