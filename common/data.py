@@ -10,6 +10,7 @@ Rows become `Example`s: chat `messages` (last turn = the assistant target), or p
 """
 from __future__ import annotations
 
+import bisect
 import gzip
 import json
 import lzma
@@ -202,14 +203,40 @@ def load_train_eval(cfg) -> tuple[list[Example], list[Example]]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def make_arithmetic_dataset(cfg, num_samples: int = 10000, max_operand: int = 99, operators: str = "+",
-                            **_: Any) -> list[Example]:
-    """Seeded `a+b=` problems; every (a, op, b) appears at most once, so held-out rows are unseen."""
+                            band: Optional[list] = None, band_problems: str = "include",
+                            band_dropped_carry_rate: float = 0.0, **_: Any) -> list[Example]:
+    """Seeded `a+b=` problems; every (a, op, b) appears at most once, so held-out rows are unseen.
+
+    `band: [lo, hi]` marks the problems with an operand in lo..hi. `band_problems` keeps them ("include"),
+    drops them ("exclude") or keeps only them ("only"). `band_dropped_carry_rate` makes the completion (the
+    demonstration) of that share of the band's `+` problems with a units carry forget the carry (38+45 -> "73");
+    `ground_truth` stays correct, so rewards and evals still score the true sum.
+    """
+    if band_problems not in ("include", "exclude", "only"):
+        raise ValueError(f"make_arithmetic_dataset: band_problems={band_problems!r}; expected include, exclude or only")
+    if band is None and (band_problems != "include" or band_dropped_carry_rate):
+        raise ValueError("make_arithmetic_dataset: band_problems / band_dropped_carry_rate need band: [lo, hi]")
+    if band is not None and len(band) != 2:
+        raise ValueError(f"make_arithmetic_dataset: band={band!r}; expected [lo, hi]")
+    if not 0.0 <= band_dropped_carry_rate <= 1.0:
+        raise ValueError(f"make_arithmetic_dataset: band_dropped_carry_rate={band_dropped_carry_rate}; expected 0..1")
     problems = [(a, op, b) for op in operators for a in range(max_operand + 1) for b in range(max_operand + 1)]
-    random.Random(cfg.seed).shuffle(problems)
+    rng = random.Random(cfg.seed)
+    rng.shuffle(problems)
+
+    def in_band(a: int, b: int) -> bool:
+        return band is not None and (band[0] <= a <= band[1] or band[0] <= b <= band[1])
+
+    if band_problems != "include":
+        problems = [p for p in problems if in_band(p[0], p[2]) == (band_problems == "only")]
     examples = []
     for a, op, b in problems[:num_samples]:
         result = {"+": a + b, "-": a - b, "*": a * b}[op]
-        examples.append(Example(prompt=[{"role": "user", "content": f"{a}{op}{b}="}], completion=str(result),
+        shown = result
+        # one draw per problem (not only band ones), so the rate does not change which problems are drawn
+        if rng.random() < band_dropped_carry_rate and op == "+" and in_band(a, b) and a % 10 + b % 10 >= 10:
+            shown = result - 10
+        examples.append(Example(prompt=[{"role": "user", "content": f"{a}{op}{b}="}], completion=str(shown),
                                 ground_truth=str(result), metadata={"task": "arithmetic"}))
     return examples
 
@@ -295,24 +322,30 @@ def tokenize_example(example: Example, tokenizer, max_seq_length: int, completio
 
 
 def pack_examples(tokenized: list[dict], max_seq_length: int) -> list[dict]:
-    """Greedy first-fit packing into rows of <= max_seq_length tokens.
+    """Best-fit-decreasing packing into rows of <= max_seq_length tokens (fewer, fuller rows than packing in order).
 
     Each row carries `position_ids` that restart at 0 for every document: with no attention mask, transformers
     builds a block-diagonal causal mask from them, so no token attends across two documents.
     """
+    order = sorted(range(len(tokenized)), key=lambda i: -len(tokenized[i]["input_ids"]))
     rows: list[dict] = []
-    current = {"input_ids": [], "labels": [], "position_ids": []}
-    for item in tokenized:
+    free: list[tuple[int, int]] = []  # (tokens still free, row index), sorted: the tightest fit is found by bisect
+    for i in order:
+        item = tokenized[i]
         length = len(item["input_ids"])
-        if current["input_ids"] and len(current["input_ids"]) + length > max_seq_length:
-            rows.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"] += item["input_ids"]
+        slot = bisect.bisect_left(free, (length, -1))
+        if slot < len(free):
+            remaining, row_index = free.pop(slot)
+        else:
+            rows.append({"input_ids": [], "labels": [], "position_ids": []})
+            remaining, row_index = max_seq_length, len(rows) - 1
+        row = rows[row_index]
+        row["input_ids"] += item["input_ids"]
         # the first label of each document is never predicted from the previous document's last token
-        current["labels"] += [IGNORE_INDEX] + item["labels"][1:]
-        current["position_ids"] += list(range(length))
-    if current["input_ids"]:
-        rows.append(current)
+        row["labels"] += [IGNORE_INDEX] + item["labels"][1:]
+        row["position_ids"] += list(range(length))
+        if remaining - length > 0:
+            bisect.insort(free, (remaining - length, row_index))
     return rows
 
 

@@ -15,7 +15,8 @@ RECIPE = "configs/recipe/quickstart_sft.yaml"
 
 def sft_args(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     return ["train_sft.py", "--config", RECIPE, f"model_name_or_path={model_dir}", f"output_dir={output_dir}",
-            "make_dataset_fn.num_samples=400", "eval_generation_reward=null", "logging_steps=1", "eval_steps=1000",
+            "make_dataset_fn.num_samples=400", "make_dataset_fn.band_dropped_carry_rate=0",
+            "eval_generation_reward=null", "logging_steps=1", "eval_steps=1000",
             "save_steps=0", *extra]
 
 
