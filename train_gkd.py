@@ -580,8 +580,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                     cfg.model_name_or_path if name == "student" else cfg.teacher_model_name_or_path,
                     total_params / 1e6, trainable_params / 1e6)
     optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # after prepare: DeepSpeed may regroup the parameters, and the schedule must drive the groups it steps
+    scheduler = make_scheduler(cfg, optimizer, total_steps)
     accelerator.register_for_checkpointing(scheduler)
     teacher = prepare_frozen_model(accelerator, teacher)  # eval, no grad; sharded for inference under ZeRO-3
 
@@ -724,6 +725,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     save_model(accelerator, model, tokenizer, Path(cfg.output_dir))
     if accelerator.is_main_process:
         logger.info("saved final model to %s", cfg.output_dir)
+    if cfg.push_to_hub:
+        from common.checkpoint import push_final_model
+        push_final_model(accelerator, cfg.output_dir, cfg.hub_model_id)
     if reward_fn is not None:
         from common.evaluation import format_accuracy_table
         result = greedy_accuracy(model)

@@ -398,8 +398,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         reference = load_causal_lm(cfg, cfg.ref_model_name_or_path or cfg.model_name_or_path, use_bf16=use_bf16,
                                    trainable=False)
     optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # after prepare: DeepSpeed may regroup the parameters, and the schedule must drive the groups it steps
+    scheduler = make_scheduler(cfg, optimizer, total_steps)
     accelerator.register_for_checkpointing(scheduler)
     if reference is not None:
         reference = prepare_frozen_model(accelerator, reference)

@@ -131,8 +131,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     logger.info("model %s: %.2fM parameters, %.2fM trainable", cfg.model_name_or_path, total_params / 1e6,
                 trainable_params / 1e6)
     optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # after prepare: DeepSpeed may regroup the parameters, and the schedule must drive the groups it steps
+    scheduler = make_scheduler(cfg, optimizer, total_steps)
     accelerator.register_for_checkpointing(scheduler)
 
     start_step = 0
