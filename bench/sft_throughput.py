@@ -27,7 +27,7 @@ remaining steps. Start-up, data preparation and model loading are never timed.
 - check: with packing=false both see the same rows in the same order, so their per-step losses must agree (printed).
 
 Settings with no exact equal (also printed):
-- packing: ours packs examples next-fit, in order, into rows of max_length and right-pads the batch (position ids
+- packing: ours packs examples best-fit-decreasing into rows of max_length and right-pads the batch (position ids
   restart per document; transformers builds a block-diagonal mask per row). TRL packs best-fit-decreasing ("bfd")
   and, as TRL always does with bfd, trains padding-free: the batch's rows are flattened into ONE sequence of
   batch x max_length tokens with restarting position ids. With sdpa (no flash-attention on CPU) attention then
@@ -296,7 +296,7 @@ def main() -> None:
             print(f"check, packing=false: same batches -> per-step loss max |ours - TRL| = {gap:.2e} over "
                   f"{min(len(ours_loss), len(trl_loss))} steps (step 1: {ours_loss[0]:.4f} vs {trl_loss[0]:.4f})")
         print("\nnot equal by construction: TRL packing=true is best-fit-decreasing and padding-free (one flattened "
-              "sequence per batch,\nattention over batch x max_length tokens under sdpa); ours packs next-fit into "
+              "sequence per batch,\nattention over batch x max_length tokens under sdpa); ours packs best-fit-decreasing into "
               "padded rows. TRL's loss uses its fused LM head.")
         end_load = os.getloadavg()
         print(f"load average at end (1/5/15 min): {end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f}")
