@@ -20,7 +20,8 @@ accuracy needs a student answer, helpfulness and diagnostic need teacher guidanc
 also a student plan), process needs a trace, guidance or answer.
 
 All calls of a batch run concurrently on one event loop (its own thread), at most
-`parallel_execution.max_workers` in flight. Each call has a `timeout` and `max_retries` retries
+`parallel_execution.max_workers` in flight; with `client_processes` > 1 the litellm calls
+themselves run in that many child processes (common/judge_client.py). Each call has a `timeout` and `max_retries` retries
 with exponential backoff; a call that fails after the last retry leaves its sample missing.
 Successful replies are cached in SQLite keyed by model, temperature and the full prompt; a step's
 new replies are written in one transaction when the step ends (later calls of the step see them).
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import hashlib
 import json
 import logging
@@ -53,8 +53,9 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
+from common.judge_client import JudgeCallError, client_pool, complete
 from common.judge_prompts import ARBITER_SUFFIX, JUDGE_TEMPLATES, fence, render
 from common.rewards import RewardInput
 
@@ -88,6 +89,15 @@ class AntiGamingConfig:
 @dataclass
 class ParallelExecutionConfig:
     max_workers: int = 8                  # judge calls in flight across the whole batch
+    # Processes running the litellm calls (1: this one; common/judge_client.py). "auto": one per
+    # 8 calls in flight, at most 4 -- litellm's ~5 ms of CPU per call saturates one event loop
+    # at a few dozen calls in flight, far below that with slow providers.
+    client_processes: Union[int, str] = "auto"
+
+    def resolved_client_processes(self) -> int:
+        if self.client_processes == "auto":
+            return max(1, min(4, self.max_workers // 8))
+        return self.client_processes
 
 
 @dataclass
@@ -122,10 +132,16 @@ class RewardSystemConfig:
 def _check_type(value, tp, where: str):
     """Return `value` checked against a simple annotation (str/int/float/bool/Optional/list/dict/dataclass)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union:                              # Optional[X]
-        if value is None:
+    if origin is typing.Union:                              # Optional[X], Union[int, str]
+        if value is None and type(None) in args:
             return None
-        return _check_type(value, next(a for a in args if a is not type(None)), where)
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, option, where)
+            except TypeError:
+                continue
+        names = " or ".join(a.__name__ for a in args if a is not type(None))
+        raise TypeError(f"{where}: expected {names}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, where)
     if origin is list:
@@ -185,8 +201,12 @@ def _check_values(raw: dict, source: str) -> None:
     cap = (raw.get("anti_gaming") or {}).get("cap_score", 0.0)
     if not 0 <= cap <= 1:
         fail("anti_gaming.cap_score", "in [0, 1]", cap)
-    if (raw.get("parallel_execution") or {}).get("max_workers", 1) < 1:
-        fail("parallel_execution.max_workers", ">= 1", raw["parallel_execution"]["max_workers"])
+    parallel = raw.get("parallel_execution") or {}
+    if parallel.get("max_workers", 1) < 1:
+        fail("parallel_execution.max_workers", ">= 1", parallel["max_workers"])
+    processes = parallel.get("client_processes", "auto")
+    if processes != "auto" and not (isinstance(processes, int) and not isinstance(processes, bool) and processes >= 1):
+        fail("parallel_execution.client_processes", '"auto" or an integer >= 1', processes)
     for key in ("timeout", "max_tokens"):
         if raw.get(key, 1) <= 0:
             fail(key, "> 0", raw[key])
@@ -509,31 +529,6 @@ class _Window:
 # =============================================================================================
 # The reward
 # =============================================================================================
-_LITELLM = None
-_LITELLM_LOCK = threading.Lock()
-
-
-def _litellm():
-    """litellm, imported and configured once per process."""
-    global _LITELLM
-    if _LITELLM is not None:
-        return _LITELLM
-    with _LITELLM_LOCK:
-        if _LITELLM is None:
-            os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"   # use the bundled price map, fetch nothing
-            import litellm
-
-            litellm.suppress_debug_info = True
-            # Importing litellm leaves ~360k long-lived objects (price map, schemas) in the cyclic
-            # GC's care; each full collection during a batch then walks all of them (~0.35 s on a
-            # loaded 2-core host), stalling every call in flight on the loop thread. Freezing takes
-            # what exists now out of the collector's scans; objects made later are collected as usual.
-            gc.collect()
-            gc.freeze()
-            _LITELLM = litellm
-    return _LITELLM
-
-
 class _LoopThread:
     """One event loop on a daemon thread: callable from sync code, and from code already inside a loop."""
 
@@ -588,6 +583,8 @@ class RIMReward:
         self._window = _Window()
         self._bad_steps = 0
         self._semaphore: Optional[asyncio.Semaphore] = None
+        processes = self.config.parallel_execution.resolved_client_processes()
+        self._pool = client_pool(processes) if processes > 1 else None   # children import litellm meanwhile
 
     # -- public API ------------------------------------------------------------------------------
     def __call__(self, batch: list[RewardInput]) -> list[Optional[float]]:
@@ -679,7 +676,6 @@ class RIMReward:
             if verdict is not None:
                 step.cache_hits += 1
                 return dataclasses.replace(verdict, model=model, temperature=temperature)
-        litellm = _litellm()
         import openai
 
         cfg = self.config
@@ -690,21 +686,18 @@ class RIMReward:
             async with self._semaphore:
                 step.requests += 1
                 start = time.perf_counter()
+                request = dict(model=model, messages=messages, temperature=temperature, max_tokens=cfg.max_tokens,
+                               **self._credentials(model))
                 try:
-                    response = await asyncio.wait_for(
-                        litellm.acompletion(model=model, messages=messages, temperature=temperature,
-                                            max_tokens=cfg.max_tokens, timeout=cfg.timeout,
-                                            max_retries=0, **self._credentials(model)),
-                        timeout=cfg.timeout)
-                    reply = response.choices[0].message.content or ""
+                    reply, cost = await (self._pool.complete if self._pool else complete)(request, cfg.timeout)
                     verdict = parse_verdict(reply)
-                except (InvalidReply, asyncio.TimeoutError, openai.OpenAIError) as err:   # litellm's errors subclass openai's
-                    step.last_error = self._redact(f"{model}: {type(err).__name__}: {err}")
+                except (InvalidReply, JudgeCallError, asyncio.TimeoutError, openai.OpenAIError) as err:
+                    detail = str(err) if isinstance(err, JudgeCallError) else f"{type(err).__name__}: {err}"
+                    step.last_error = self._redact(f"{model}: {detail}")
                     logger.debug("judge call failed (attempt %d/%d): %s", attempt + 1, cfg.max_retries + 1,
                                  step.last_error)
                     continue
             step.latencies.append(time.perf_counter() - start)
-            cost = response._hidden_params.get("response_cost")
             if cost is None:
                 step.unpriced += 1
             else:

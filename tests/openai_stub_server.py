@@ -58,6 +58,12 @@ class StubReply:
 ReplyFn = Callable[[StubRequest], StubReply]
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's listen backlog is 5: a burst of new connections overflows it, and the
+    # kernel's dropped SYNs are retried after 1 s, which a real provider would never add.
+    request_queue_size = 256
+
+
 @dataclass
 class _Stats:
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -71,7 +77,7 @@ class OpenAIStubServer:
         self.reply = reply
         self.latency_s = latency_s
         self.stats = _Stats()
-        self._httpd = ThreadingHTTPServer((host, 0), self._handler_class())  # port 0: a free port
+        self._httpd = _Server((host, 0), self._handler_class())  # port 0: a free port
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False      # a request held past a client timeout must not block close
         self._thread: Optional[threading.Thread] = None
@@ -118,6 +124,9 @@ class OpenAIStubServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"   # keep-alive, as real providers do
+            # Headers and body go out in two writes; with Nagle on, the body waits for the
+            # client's delayed ACK of the headers (~40 ms on Linux), adding that to every reply.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):   # keep test output quiet
                 pass

@@ -44,9 +44,9 @@ def judge_verdict(request) -> StubReply:
     return StubReply(content=json.dumps({"principles": [], "score": score, "rationale": "ok", "uncertainty": 0.1}))
 
 
-def judge_overrides(server) -> str:
+def judge_overrides(server, *extra: str) -> str:
     items = [f"models.api_base={server.base_url}", "models.small_model=openai/small", "models.large_model=openai/large",
-             "retry_backoff=0.01", "max_retries=4", "timeout=10", "temperatures=[0.2, 0.8]"]
+             "retry_backoff=0.01", "max_retries=4", "timeout=10", "temperatures=[0.2, 0.8]", *extra]
     return "teacher_reward.overrides=" + json.dumps(items)
 
 
@@ -71,7 +71,7 @@ def test_grpo_on_runtime_traces_with_judges_that_fail_30_percent(tiny_model_dir,
 
 
 def test_grpo_plain_rim_reward_on_arithmetic(tiny_model_dir, tmp_path):
-    """`reward_funcs=[rim]` with the reward preset: plain GRPO trains from judge scores."""
+    """`reward_funcs=[rim]` with the reward preset: plain GRPO trains from judge scores, litellm in 2 client processes."""
     out = tmp_path / "rim"
     recipe = tmp_path / "rim.yaml"
     recipe.write_text("defaults:\n  - model: tiny\n  - data: arithmetic_rl\n  - trainer: grpo\n"
@@ -79,11 +79,13 @@ def test_grpo_plain_rim_reward_on_arithmetic(tiny_model_dir, tmp_path):
     with OpenAIStubServer(reply=judge_verdict) as server:
         assert_ok(run_python([
             "train_grpo.py", "--config", str(recipe), f"model_name_or_path={tiny_model_dir}", f"output_dir={out}",
-            judge_overrides(server), "teacher_reward.completion_as=answer", "make_dataset_fn.num_samples=64",
+            judge_overrides(server, "parallel_execution.client_processes=2"), "teacher_reward.completion_as=answer", "make_dataset_fn.num_samples=64",
             "train_batch_size=16", "per_device_train_batch_size=16", "max_steps=2", "max_completion_length=6",
             "beta=0", "do_eval=false", "save_steps=0", "bf16=false", "gradient_checkpointing=false"]))
+        assert server.requests, "the judges were never called"
     rows = [r for r in metrics(out) if "reward" in r]
     assert len(rows) == 2 and "judge/latency_p50" in rows[0] and "judge/cost_usd" in rows[0]
+    assert sum(r["judge/failures"] + r["judge/retries"] for r in rows) > 0
 
 
 def test_sft_on_runtime_traces_learns_the_teachers_guidance(tiny_model_dir, sdk_export, tmp_path):

@@ -272,14 +272,83 @@ def test_cost_and_latency_come_from_litellm(server):
     litellm.register_model({"openai/priced-small": {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6,
                                                     "litellm_provider": "openai", "mode": "chat"}})
     server.reply = lambda r: StubReply(content=verdict(0.5), prompt_tokens=100, completion_tokens=20)
+    # register_model changes this process's price map only: litellm must run in this process.
     rim = RIMReward(stub_config(server, **only("accuracy", models={"small_model": "openai/priced-small",
                                                                   "large_model": "openai/large",
-                                                                  "api_base": server.base_url})))
+                                                                  "api_base": server.base_url},
+                                               parallel_execution={"max_workers": 8, "client_processes": 1})))
     rim.score([TRAJ])
     m = rim.pop_metrics()
     assert m["judge/cost_usd"] == pytest.approx(3 * (100 * 1e-6 + 20 * 2e-6))
     assert 0 < m["judge/latency_p50"] <= m["judge/latency_p95"]
     assert rim.pop_metrics()["judge/calls"] == 0   # popped
+
+
+# ---------------------------------------------------------------------------------------------
+# Client processes (parallel_execution.client_processes)
+# ---------------------------------------------------------------------------------------------
+def pooled(processes: int, **overrides) -> dict:
+    return {**overrides, "parallel_execution": {"max_workers": 4, "client_processes": processes}}
+
+
+def test_client_processes_score_count_and_price_like_the_in_process_client(server):
+    import litellm
+
+    def reply(r):
+        if r.model == "large":
+            return StubReply(content=verdict(0.9))
+        if judge_of(r) == "process" and r.temperature == 0.8:
+            return StubReply(status=500, error_message="overloaded")   # every attempt fails
+        if judge_of(r) == "helpfulness":
+            return StubReply(content=verdict(r.temperature))            # spread -> escalation
+        return StubReply(content=verdict(0.6), prompt_tokens=100, completion_tokens=20)
+
+    server.reply = reply
+    server.latency_s = 0.05
+    models = {"small_model": "openai/gpt-4o-mini", "large_model": "openai/large", "api_base": server.base_url}
+    batch = [dataclasses.replace(TRAJ, student_answer=str(i), student_trace="worked it out") for i in range(4)]
+    outcomes = {}
+    for processes in (1, 2):
+        server.reset()
+        rim = RIMReward(stub_config(server, max_retries=1, models=models, **pooled(processes)))
+        assert (rim._pool is None) == (processes == 1)
+        results = rim.score(batch)
+        last_error = rim._window.last_error
+        m = rim.pop_metrics()
+        outcomes[processes] = ([r.reward for r in results], [sorted(r.judges) for r in results],
+                               {k: m[k] for k in ("judge/calls", "judge/requests", "judge/failures",
+                                                  "judge/escalations", "judge/cost_usd")})
+        assert server.max_in_flight == 4                                 # the bound holds across processes
+        assert last_error == "openai/gpt-4o-mini: InternalServerError: litellm.InternalServerError: " \
+            "InternalServerError: OpenAIException - overloaded" or print(last_error)
+    assert outcomes[1] == outcomes[2]
+    calls = outcomes[2][2]
+    assert calls["judge/failures"] == 4 and calls["judge/escalations"] == 4
+    input_cost, output_cost = litellm.cost_per_token(model="gpt-4o-mini", prompt_tokens=100, completion_tokens=20)
+    priced_replies = 4 * 3 * 3 + 4 * 2   # accuracy, helpfulness, diagnostic: 3 samples; process: 2 good ones
+    assert calls["judge/cost_usd"] == pytest.approx(priced_replies * (input_cost + output_cost))
+
+
+@pytest.mark.parametrize("max_workers, setting, processes", [
+    (8, "auto", 1), (16, "auto", 2), (32, "auto", 4), (256, "auto", 4), (8, 3, 3)])
+def test_client_processes_auto_is_one_per_eight_calls_in_flight(server, max_workers, setting, processes):
+    config = stub_config(server, parallel_execution={"max_workers": max_workers, "client_processes": setting})
+    assert config.parallel_execution.resolved_client_processes() == processes
+
+
+def test_a_client_process_that_dies_stops_the_run_with_its_exit_code(server):
+    from common.judge_client import ClientProcessPool
+
+    rim = RIMReward(stub_config(server, **only("accuracy", **pooled(2))))
+    rim._pool = ClientProcessPool(2)   # a pool of its own: killing it must not touch the shared one
+    try:
+        assert rim.score([TRAJ])[0].reward == 0.5
+        rim._pool.workers[0].process.kill()
+        rim._pool.workers[1].process.kill()
+        with pytest.raises(RuntimeError, match=r"judge client process \d \(pid \d+\) exited with code -9"):
+            rim.score([TRAJ])
+    finally:
+        rim._pool.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +396,7 @@ def test_shipped_reward_systems_match_the_spec_table():
     (lambda raw: raw.update(variance_threshold="high"), "variance_threshold: expected float"),
     (lambda raw: raw["active_judges"].update(honesty=True), "active_judges.honesty"),
     (lambda raw: raw.update(aggregation="median"), "aggregation must be"),
+    (lambda raw: raw["parallel_execution"].update(client_processes=0), "parallel_execution.client_processes"),
 ])
 def test_bad_reward_system_file_names_file_and_key(tmp_path, edit, message):
     raw = yaml.safe_load(RUNTIME.read_text())
