@@ -18,6 +18,11 @@ Choices this script makes:
 - Logprobs for the loss come from the training model's own forward; with `unbias_log_probabilities` the
   logits are divided by the sampling temperature (policy and reference alike).
 - Rollouts use transformers `generate` on the policy itself (the vLLM backends are not available yet).
+- `share_prompt_prefix`: in each micro-batch every distinct prompt runs through the model once and its KV
+  cache serves all of its completions (the G rows of a group repeat the prompt); generation prefills each
+  prompt once too. Same logprobs and gradients
+  to float rounding, prompt compute / G. Off for the gradient pass under gradient checkpointing, which drops
+  caches; models whose forward takes no cache run every row in full.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import torch
 
 from common.args import CommonArgs
 from common.config import ConfigError, config_to_dict, fail_fast, load_config, save_config, world_size_from_env
+from common.models import repeat_cache_rows, returned_cache
 from common.ops import masked_mean, masked_sum, selective_log_softmax
 from common.rewards import combine_rewards
 from common.tracking import setup_logging
@@ -87,6 +93,7 @@ class Config(CommonArgs):
     mask_truncated_completions: bool = False
     prompt_overflow: Literal["truncate", "error"] = "truncate"
     generation_batch_size: Optional[int] = None      # prompts per generate() call; null: all at once
+    share_prompt_prefix: bool = True                 # one forward per distinct prompt per micro-batch (see above)
     # eval: greedy completions on the eval split scored by the reward functions
     eval_on_start: bool = False
     eval_max_samples: Optional[int] = 256
@@ -284,8 +291,13 @@ def group_advantages(
 # Batching and logprobs
 # ---------------------------------------------------------------------------------------------------------------------
 
-def rollout_batch(rollouts: list, pad_token_id: int, mask_truncated: bool) -> dict[str, torch.Tensor]:
-    """Rollouts -> [left-padded prompt | right-padded completion] tensors for one forward pass."""
+def rollout_batch(rollouts: list, pad_token_id: int, mask_truncated: bool,
+                  share_prompts: bool = False) -> dict[str, torch.Tensor]:
+    """Rollouts -> [left-padded prompt | right-padded completion] tensors for one forward pass.
+
+    With `share_prompts` and a prompt repeated in the batch, also `prompt_first_row` [U] (a row holding each
+    distinct prompt) and `prompt_of_row` [B] (which of them each row continues); otherwise both are None.
+    """
     prompt_width = max(len(r.prompt_ids) for r in rollouts)
     completion_width = max(max(len(r.completion_ids) for r in rollouts), 1)
     rows = len(rollouts)
@@ -300,17 +312,59 @@ def rollout_batch(rollouts: list, pad_token_id: int, mask_truncated: bool) -> di
         if not (mask_truncated and rollout.finish_reason == "length"):
             completion_mask[i, :c] = 1.0
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+C] positions ignore the left padding
+    first_row, owner = None, None
+    if share_prompts:
+        distinct: dict[tuple, int] = {}
+        of_row = [distinct.setdefault(tuple(r.prompt_ids), len(distinct)) for r in rollouts]
+        if len(distinct) < rows:
+            owner = torch.tensor(of_row, dtype=torch.long)                                      # [B]
+            first_row = torch.tensor([of_row.index(u) for u in range(len(distinct))], dtype=torch.long)  # [U]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "completion_mask": completion_mask, "completion_width": completion_width}
+            "completion_mask": completion_mask, "completion_width": completion_width,
+            "prompt_first_row": first_row, "prompt_of_row": owner}
 
 
-def completion_logprobs(model, batch: dict, temperature: float) -> torch.Tensor:
-    """Per-token logprobs of the completion tokens under `model`: [B, C]. Only the completion's logits are made."""
+def completion_logprobs(model, batch: dict, temperature: float, cache_arg: Optional[str] = None) -> torch.Tensor:
+    """Per-token logprobs of the completion tokens under `model`: [B, C]. Only the completion's logits are made.
+
+    With `cache_arg` and `batch["prompt_of_row"]`, each distinct prompt runs once (shared_prompt_logprobs).
+    """
+    if cache_arg is not None and batch.get("prompt_of_row") is not None:
+        return shared_prompt_logprobs(model, batch, temperature, cache_arg)
     width = batch["completion_width"]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], logits_to_keep=width + 1, use_cache=False).logits  # [B, C+1, V]
     completion_ids = batch["input_ids"][:, -width:]                                                         # [B, C]
     return selective_log_softmax(logits[:, :-1], completion_ids, temperature=temperature)                  # [B, C]
+
+
+def shared_prompt_logprobs(model, batch: dict, temperature: float, cache_arg: str) -> torch.Tensor:
+    """`completion_logprobs` with the prompt part run once per distinct prompt: [B, C].
+
+    Pass 1 runs the U distinct prompts [U, P] and keeps their KV cache and last-position logits (which
+    predict completion token 0). Their cache rows are repeated to the B rows (an index, so gradients from
+    every completion add up in the shared prompt), and pass 2 runs the completions [B, C-1] on that cache
+    (the last completion token predicts nothing the loss needs).
+    """
+    ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]   # [B, P+C]
+    first_row, owner = batch["prompt_first_row"], batch["prompt_of_row"]                          # [U], [B]
+    width = batch["completion_width"]
+    prompt_width = ids.shape[1] - width
+    prompts = model(input_ids=ids[first_row, :prompt_width], attention_mask=mask[first_row, :prompt_width],
+                    position_ids=positions[first_row, :prompt_width], use_cache=True, logits_to_keep=1)
+    cache = repeat_cache_rows(returned_cache(prompts), owner)                                   # [U, ...] -> [B, ...]
+    logits = prompts.logits[owner]                                                               # [B, 1, V]
+    if width > 1:
+        full_layers = [layer for layer in cache.layers if not getattr(layer, "is_sliding", False)]
+        cached = [layer.keys.shape[-2] for layer in full_layers]
+        completions = model(input_ids=ids[:, prompt_width:-1], attention_mask=mask[:, :-1],
+                            position_ids=positions[:, prompt_width:-1], use_cache=True,
+                            logits_to_keep=width - 1, **{cache_arg: cache})
+        if any(layer.keys.shape[-2] != before + width - 1 for layer, before in zip(full_layers, cached)):
+            raise RuntimeError(f"share_prompt_prefix: {type(model).__name__} did not read the prompt cache passed "
+                               f"as {cache_arg!r}; set share_prompt_prefix=false")
+        logits = torch.cat([logits, completions.logits], dim=1)                                  # [B, C, V]
+    return selective_log_softmax(logits, ids[:, prompt_width:], temperature=temperature)        # [B, C]
 
 
 def score_rollouts(reward_functions: list, inputs: list) -> torch.Tensor:
@@ -347,7 +401,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                    save_checkpoint, save_model)
     from common.data import load_train_eval, render_prompt
     from common.evaluation import build_reward_inputs, greedy_eval
-    from common.models import load_causal_lm, load_tokenizer, prepare_frozen_model
+    from common.models import cache_argument, load_causal_lm, load_tokenizer, prepare_frozen_model
     from common.rewards import get_reward_factory
     from common.rollout import HFGenerateEngine, SamplingParams, truncate_prompts
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
@@ -414,20 +468,29 @@ def main(argv: Optional[list[str]] = None) -> None:
         logger.info("resumed from %s at step %d", resume_path, start_step)
     tracker = Tracker(cfg, accelerator.is_main_process, config_to_dict(cfg), total_steps, resume=start_step > 0)
     preemption = PreemptionFlag(cfg.output_dir, accelerator.is_main_process)
-    engine = HFGenerateEngine(model, tokenizer, accelerator=accelerator, batch_size=cfg.generation_batch_size)
+    engine = HFGenerateEngine(model, tokenizer, accelerator=accelerator, batch_size=cfg.generation_batch_size,
+                              share_prompt_prefill=cfg.share_prompt_prefix)
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
                               repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_completion_length,
                               num_generations=group)
     logprob_temperature = cfg.temperature if cfg.unbias_log_probabilities and cfg.temperature > 0 else 1.0
+
+    # Shared-prompt forwards (share_prompt_prefix): the cache keyword of each model, or None to run rows in full.
+    policy_cache_arg = cache_argument(accelerator.unwrap_model(model)) if cfg.share_prompt_prefix else None
+    reference_cache_arg = policy_cache_arg if reference is None else (
+        cache_argument(accelerator.unwrap_model(reference)) if cfg.share_prompt_prefix else None)
+    if cfg.share_prompt_prefix and policy_cache_arg is None:
+        logger.warning("share_prompt_prefix: the model's forward takes no KV cache; every row runs in full")
+    train_cache_arg = None if cfg.gradient_checkpointing else policy_cache_arg   # checkpointed layers drop caches
 
     def reference_logprobs(batch: dict) -> Optional[torch.Tensor]:
         if cfg.beta == 0:
             return None
         with torch.no_grad():
             if reference is not None:
-                return completion_logprobs(reference, batch, logprob_temperature)
+                return completion_logprobs(reference, batch, logprob_temperature, reference_cache_arg)
             with accelerator.unwrap_model(model).disable_adapter():  # PEFT: the base model is the reference
-                return completion_logprobs(model, batch, logprob_temperature)
+                return completion_logprobs(model, batch, logprob_temperature, policy_cache_arg)
 
     def evaluate(step: int) -> dict:
         result = greedy_eval(accelerator, model, tokenizer, eval_examples, combined_reward, cfg.max_completion_length,
@@ -495,11 +558,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             micro_batches = []
             for start in range(0, len(rollouts), cfg.per_device_train_batch_size):
                 chunk = rollouts[start: start + cfg.per_device_train_batch_size]
-                batch = rollout_batch(chunk, tokenizer.pad_token_id, cfg.mask_truncated_completions)
+                batch = rollout_batch(chunk, tokenizer.pad_token_id, cfg.mask_truncated_completions,
+                                      share_prompts=cfg.share_prompt_prefix)
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 batch["advantages"] = local_advantages[start: start + len(chunk)].to(accelerator.device)
                 with torch.no_grad():
-                    batch["old_logps"] = (completion_logprobs(model, batch, logprob_temperature)
+                    # the same forward as the update's, so the first ratio is exactly 1
+                    batch["old_logps"] = (completion_logprobs(model, batch, logprob_temperature, train_cache_arg)
                                           if cfg.num_iterations > 1 else None)
                 batch["ref_logps"] = reference_logprobs(batch)
                 micro_batches.append(batch)
@@ -515,7 +580,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sums = torch.zeros(5, device=accelerator.device)  # loss, kl, clip low, clip high, clip region
         for batch in micro_batches:
             with accelerator.accumulate(model):
-                logps = completion_logprobs(model, batch, logprob_temperature)                          # [B, C]
+                logps = completion_logprobs(model, batch, logprob_temperature, train_cache_arg)         # [B, C]
                 loss, loss_metrics = grpo_loss(
                     logps, batch["old_logps"], batch["ref_logps"], batch["advantages"], batch["completion_mask"],
                     loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,

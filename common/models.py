@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 from pathlib import Path
 from typing import Optional
@@ -127,3 +128,35 @@ def prepare_frozen_model(accelerator, model):
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
+
+
+def cache_argument(model) -> Optional[str]:
+    """The keyword under which `model`'s forward (and generate) takes a KV cache, or None when it takes none.
+
+    transformers 5.2x names it `cache` (`past_key_values` is deprecated); earlier 5.x releases only know
+    `past_key_values`. Read from the signature, because a forward with **kwargs would ignore a wrong name.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model   # PEFT
+    parameters = inspect.signature(base.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def returned_cache(output):
+    """The KV cache a forward with use_cache=True returned (`cache`, or `past_key_values` before 5.2x)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def repeat_cache_rows(cache, index: torch.Tensor, owner: str = "share_prompt_prefix"):
+    """Select batch rows of a key/value cache in place (`index` [B] of row numbers); returns the cache.
+
+    An index (not a view) so that, under autograd, gradients from every row that reads a cached row add up.
+    """
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+        raise RuntimeError(f"{owner}: the model returned no key/value cache ({type(cache).__name__}); "
+                           f"set {owner}=false")
+    for layer in layers:
+        layer.keys, layer.values = layer.keys[index], layer.values[index]
+    return cache
+

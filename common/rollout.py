@@ -205,12 +205,13 @@ class HFGenerateEngine:
     DeepSpeed ZeRO-3 the full weights are gathered on every process for the duration of a
     generate() call, so every process must call generate() together (once per step), with any
     number of prompts. `batch_size` caps the prompts per `model.generate` call (each prompt becomes
-    `num_generations` rows). `stop_token_ids` defaults to the tokenizer's EOS. With a seed, process k
+    `num_generations` rows). With `share_prompt_prefill`, each prompt is run once and its KV cache repeated
+    for its rows, so generate() starts from the last prompt token (prompt compute / num_generations). `stop_token_ids` defaults to the tokenizer's EOS. With a seed, process k
     samples with seed + k.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, accelerator=None, batch_size: Optional[int] = None,
-                 stop_token_ids: Optional[Sequence[int]] = None) -> None:
+                 stop_token_ids: Optional[Sequence[int]] = None, share_prompt_prefill: bool = True) -> None:
         if tokenizer.pad_token_id is None:
             raise ValueError("HFGenerateEngine: the tokenizer has no pad token; set tokenizer.pad_token")
         if stop_token_ids is None:
@@ -225,6 +226,7 @@ class HFGenerateEngine:
         self.accelerator = accelerator
         self.batch_size = batch_size
         self.stop_token_ids = list(stop_token_ids)
+        self.share_prompt_prefill = share_prompt_prefill
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         # generate() runs on the training model itself, so its weights are always current.
@@ -250,6 +252,7 @@ class HFGenerateEngine:
         rows = [list(p) for p in prompts for _ in range(params.num_generations)]  # prompt-major
         input_ids, attention_mask = left_pad(rows, self.tokenizer.pad_token_id, self._device(model))  # [R, T]
         processors, recorder = _sampling_processors(params)
+        prefilled = self._shared_prefill(model, prompts, params.num_generations, input_ids.shape[1])
         sequences = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -265,6 +268,7 @@ class HFGenerateEngine:
             num_beams=1,
             use_cache=True,
             synced_gpus=False,  # weights are whole on every process (ZeRO-3 gathers them), so no lockstep
+            **prefilled,
         )                                                       # [R, T + N]
         new_tokens = sequences[:, input_ids.shape[1]:]          # [R, N]
         logprobs = recorder.finish(new_tokens)                  # [R, N]
@@ -281,6 +285,21 @@ class HFGenerateEngine:
                 completion_text=self.tokenizer.decode(completion, skip_special_tokens=True),
             ))
         return rollouts
+
+    def _shared_prefill(self, model, prompts: list[list[int]], group: int, width: int) -> dict:
+        """{cache keyword: cache} holding all but the last token of each prompt, run once per prompt and
+        repeated for its `group` rows; generate() then starts from the last prompt token. {} when off."""
+        from common.models import cache_argument, repeat_cache_rows, returned_cache
+
+        cache_arg = cache_argument(model) if self.share_prompt_prefill and group > 1 and width > 1 else None
+        if cache_arg is None:
+            return {}
+        input_ids, attention_mask = left_pad(prompts, self.tokenizer.pad_token_id, self._device(model))  # [U, T]
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # as generate() makes them
+        output = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                       position_ids=position_ids[:, :-1], use_cache=True, logits_to_keep=1)
+        rows = torch.arange(len(prompts), device=input_ids.device).repeat_interleave(group)     # [U * G]
+        return {cache_arg: repeat_cache_rows(returned_cache(output), rows, owner="share_prompt_prefix")}
 
     def _device(self, model) -> torch.device:
         if self.accelerator is not None:

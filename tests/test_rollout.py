@@ -109,6 +109,18 @@ def test_left_padding_does_not_change_greedy_completions(model, tokenizer, promp
     assert [r.prompt_index for r in micro_batched] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_prompt_prefill_gives_the_same_rollouts(model, tokenizer, prompts, temperature):
+    """Each prompt prefilled once and its cache repeated for its G rows == every row prefilled alone."""
+    params = SamplingParams(temperature=temperature, max_new_tokens=12, num_generations=3, seed=5)
+    shared = HFGenerateEngine(model, tokenizer, share_prompt_prefill=True).generate(prompts, params)
+    alone = HFGenerateEngine(model, tokenizer, share_prompt_prefill=False).generate(prompts, params)
+    assert [r.completion_ids for r in shared] == [r.completion_ids for r in alone]
+    for a, b in zip(shared, alone):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert len({tuple(r.completion_ids) for r in shared}) > len(prompts) or temperature == 0   # rows differ
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampling_logprobs_match_teacher_forced_forward(model, tokenizer, prompts, temperature):
     # Sampling defaults shipped in a model's generation_config must not leak into rollouts.

@@ -97,3 +97,83 @@ def test_prompt_truncation_is_counted(tiny_model_dir, tmp_path):
     result = run_python(grpo_args(tiny_model_dir, out, "max_prompt_length=6", "max_steps=1"))
     assert_ok(result)
     assert re.search(r"\d+ of \d+ prompts are longer than max_prompt_length=6", result.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# share_prompt_prefix: one forward per distinct prompt, the same numbers as the full forward
+# ---------------------------------------------------------------------------------------------
+def _rollouts(lengths: list[tuple[int, list[int]]], seed: int = 0):
+    """[(prompt length, [completion lengths...]), ...] -> rollouts, prompt-major like the engine's."""
+    import torch
+
+    from common.rollout import Rollout
+
+    generator = torch.Generator().manual_seed(seed)
+    rollouts = []
+    for index, (prompt_length, completion_lengths) in enumerate(lengths):
+        prompt = torch.randint(4, 40, (prompt_length,), generator=generator).tolist()
+        for g, c in enumerate(completion_lengths):
+            rollouts.append(Rollout(prompt, torch.randint(4, 40, (c,), generator=generator).tolist(), None,
+                                    "length", index, g))
+    return rollouts
+
+
+@pytest.mark.parametrize("lengths", [
+    [(9, [5, 3, 5, 1]), (6, [4, 5, 2, 5])],     # two groups, uneven prompts and completions
+    [(7, [5, 5, 4])],                             # one group; the micro-batch holds part of it
+    [(5, [1, 1]), (8, [1, 1])],                   # one-token completions: the prompt pass alone
+])
+def test_shared_prompt_forward_equals_the_full_forward(tiny_model_dir, lengths):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import train_grpo
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    from common.models import cache_argument
+
+    cache_arg = cache_argument(model)
+    assert cache_arg in ("cache", "past_key_values")
+    rollouts = _rollouts(lengths)
+    batch = train_grpo.rollout_batch(rollouts, pad_token_id=0, mask_truncated=False, share_prompts=True)
+    assert batch["prompt_of_row"].tolist() == [r.prompt_index for r in rollouts]
+    mask = batch["completion_mask"]
+    weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(1))
+
+    def run(arg):
+        model.zero_grad()
+        logps = train_grpo.completion_logprobs(model, batch, temperature=0.7, cache_arg=arg)   # [B, C]
+        (logps * mask * weights).sum().backward()
+        return logps.detach() * mask, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full, full_grads = run(None)
+    shared, shared_grads = run(cache_arg)
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_rollout_batch_marks_repeated_prompts_only():
+    import train_grpo
+
+    distinct = train_grpo.rollout_batch(_rollouts([(4, [2]), (5, [3])]), 0, False, share_prompts=True)
+    assert distinct["prompt_of_row"] is None and distinct["prompt_first_row"] is None   # nothing to share
+    repeated = train_grpo.rollout_batch(_rollouts([(4, [2, 2]), (5, [3])]), 0, False, share_prompts=True)
+    assert repeated["prompt_of_row"].tolist() == [0, 0, 1] and repeated["prompt_first_row"].tolist() == [0, 2]
+    off = train_grpo.rollout_batch(_rollouts([(4, [2, 2])]), 0, False, share_prompts=False)
+    assert off["prompt_of_row"] is None
+
+
+def test_grpo_run_is_the_same_with_and_without_shared_prompts(tiny_model_dir, tmp_path):
+    runs = {}
+    for share in ("true", "false"):
+        out = tmp_path / share
+        assert_ok(run_python(grpo_args(tiny_model_dir, out, "max_steps=3", "beta=0.04", "num_iterations=2",
+                                       f"share_prompt_prefix={share}", "max_completion_length=6")))
+        runs[share] = [r for r in metrics(out) if "loss" in r]
+    assert len(runs["true"]) == 3
+    for shared, full in zip(runs["true"], runs["false"]):
+        assert shared.get("reward") == full.get("reward")       # the same rollouts
+        assert shared["loss"] == pytest.approx(full["loss"], abs=1e-5)
+        assert shared["kl"] == pytest.approx(full["kl"], abs=1e-5)
