@@ -4,7 +4,9 @@ Both trainers get:
 - the same tiny random Llama (scripts/make_tiny_model.py; `--hidden-size` / `--layers`), float32, sdpa, no gradient
   checkpointing, no mixed precision; with beta > 0 both load a second copy as the frozen reference model;
 - the same prompts: the arithmetic task (`common.data.make_arithmetic_dataset`, "12+34=" as a user turn), rendered
-  by the same chat template, sampled in random order by each trainer's own seeded sampler;
+  by the same chat template, sampled in random order by each trainer's own seeded sampler; with
+  `--context-tokens N` each prompt is preceded by ~N tokens of its own worked examples (the teacher's shape: a
+  long context of its own per prompt -- question and student trace -- and a shorter completion);
 - the same reward: `common.rewards` "arithmetic" (ours by name; TRL through a callable that wraps the same function);
 - the same rollout settings: transformers `generate` on the policy (TRL: use_vllm=False), `--num-generations` G
   completions per prompt, `--max-completion-length` new tokens, temperature 1, no top-k / top-p / min-p,
@@ -36,15 +38,20 @@ Settings with no exact equal (also printed):
 - TRL computes per-token entropies in the training forward (its fused LM head) for logging; ours does not.
 - ours' `max_prompt_length` (left truncation) has no TRL 1.16 equal; prompts here are ~15 tokens, never truncated.
 - random prompt order: each trainer uses its own sampler, so the prompts (not their lengths) differ per step.
+- ours runs with its default `share_prompt_prefix: true`: each distinct prompt is prefilled once in generation and
+  run once per micro-batch in the reference and policy forwards, its KV cache shared by its G completions (the
+  same logprobs and gradients, tests/test_train_grpo.py); TRL runs every row in full. `--no-share` turns it off.
 
     .venv/bin/python bench/grpo_step.py                           # defaults: a few minutes on 2 cores
     .venv/bin/python bench/grpo_step.py --beta 0 --max-completion-length 64 --num-generations 16
+    .venv/bin/python bench/grpo_step.py --context-tokens 200                  # teacher-shaped prompts
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
 import resource
 import shutil
 import statistics
@@ -68,6 +75,22 @@ def current_rss_mib() -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # Children: one training run each, results as JSON
 # ---------------------------------------------------------------------------------------------------------------------
+def make_context_dataset(cfg, num_samples: int, context_tokens: int = 0, **_) -> list:
+    """The arithmetic prompts, each after ~`context_tokens` characters (= tokens of the tiny model's character
+    tokenizer) of worked examples of its own. A `make_dataset_fn` for ours; TRL gets the same list."""
+    from common.data import make_arithmetic_dataset
+
+    examples = make_arithmetic_dataset(cfg, num_samples=num_samples)
+    rng = random.Random(cfg.seed + 1)
+    for example in examples:
+        solved = []
+        while sum(len(line) + 1 for line in solved) < context_tokens:
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            solved.append(f"{a}+{b}={a + b}")
+        if solved:
+            example.prompt[-1]["content"] = " ".join(solved) + "\n" + example.prompt[-1]["content"]
+    return examples
+
 
 
 def run_ours(spec: dict) -> dict:
@@ -76,17 +99,19 @@ def run_ours(spec: dict) -> dict:
     out = Path(spec["output_dir"])
     overrides = [
         f"model_name_or_path={spec['model_dir']}", f"output_dir={out}", f"seed={spec['seed']}",
-        f"make_dataset_fn.num_samples={spec['num_prompts']}", "eval_split_ratio=0", "do_eval=false",
+        f"make_dataset_fn={{_target_: grpo_step.make_context_dataset, num_samples: {spec['num_prompts']}, "
+        f"context_tokens: {spec['context_tokens']}}}", "eval_split_ratio=0", "do_eval=false",
         "eval_on_start=false", "reward_funcs=[arithmetic]", "use_vllm=false",
         f"max_steps={spec['max_steps']}", f"train_batch_size={spec['prompts_per_step'] * spec['num_generations']}",
         f"per_device_train_batch_size={spec['micro_batch']}", f"num_generations={spec['num_generations']}",
-        f"max_completion_length={spec['max_completion_length']}", "max_prompt_length=64",
+        f"max_completion_length={spec['max_completion_length']}",
         "temperature=1.0", "top_p=1.0", "top_k=null", "min_p=null", "repetition_penalty=1.0",
         f"beta={spec['beta']}", f"loss_type={spec['loss_type']}", "epsilon_low=0.2", "epsilon_high=0.2",
         "scale_rewards=group", "num_iterations=1", "mask_truncated_completions=false",
         f"learning_rate={spec['learning_rate']}", "lr_scheduler_type=constant", "warmup_ratio=0", "weight_decay=0",
         "max_grad_norm=1.0", "bf16=false", "gradient_checkpointing=false", "torch_dtype=float32",
         "attn_implementation=sdpa", "logging_steps=1", "save_steps=0", "log_completions=false", "report_to=[]",
+        f"max_prompt_length={spec['max_prompt_length']}", f"share_prompt_prefix={str(spec['share']).lower()}",
     ]
     sys.argv = ["train_grpo.py", "--config", str(ROOT / "configs/recipe/quickstart_grpo.yaml"), *overrides]
     cpu_marks = record_step_cpu_times()
@@ -106,10 +131,9 @@ def run_trl(spec: dict) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from common.data import make_arithmetic_dataset
     from common.rewards import RewardInput, make_arithmetic_reward
 
-    examples = make_arithmetic_dataset(SimpleNamespace(seed=spec["seed"]), num_samples=spec["num_prompts"])
+    examples = make_context_dataset(SimpleNamespace(seed=spec["seed"]), spec["num_prompts"], spec["context_tokens"])
     dataset = Dataset.from_list([{"prompt": e.prompt, "ground_truth": e.ground_truth} for e in examples])
     score = make_arithmetic_reward()
 
@@ -215,6 +239,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--num-prompts", type=int, default=2000, help="arithmetic prompts in the dataset")
+    parser.add_argument("--context-tokens", type=int, default=0,
+                        help="worked examples (~tokens) before each prompt: the teacher's long-context shape")
+    parser.add_argument("--no-share", action="store_true", help="ours with share_prompt_prefix=false")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads in each child (same for both). 1 by default: on a shared 2-core machine, "
                              "2 OpenMP threads stall for seconds whenever one is descheduled")
@@ -248,7 +275,8 @@ def main() -> None:
                     "num_generations": args.num_generations, "micro_batch": args.micro_batch,
                     "max_completion_length": args.max_completion_length, "beta": args.beta,
                     "loss_type": args.loss_type, "learning_rate": args.learning_rate, "num_prompts": args.num_prompts,
-                    "seed": args.seed, "threads": args.threads}
+                    "seed": args.seed, "threads": args.threads, "context_tokens": args.context_tokens,
+                    "max_prompt_length": args.context_tokens + 64, "share": not args.no_share}
             spec_file = tmp / f"{name}.spec.json"
             spec_file.write_text(json.dumps(spec))
             started = time.time()
@@ -270,7 +298,8 @@ def main() -> None:
         print(f"per optimizer step: {args.prompts_per_step} prompts x G={args.num_generations} = {completions} "
               f"completions, micro-batch {args.micro_batch} (accumulation {completions // args.micro_batch}), "
               f"max_completion_length {args.max_completion_length}, beta {args.beta}, loss_type {args.loss_type}, "
-              f"HF generate, {args.threads} threads")
+              f"HF generate, {args.threads} threads; context tokens per prompt {args.context_tokens}; ours "
+              f"share_prompt_prefix={not args.no_share}")
         print(f"ours: train_batch_size={completions} per_device_train_batch_size={args.micro_batch}; TRL: "
               f"per_device_train_batch_size={args.micro_batch} gradient_accumulation_steps="
               f"{completions // args.micro_batch} (generation_batch_size={completions}, steps_per_generation="
