@@ -149,7 +149,7 @@ def _accumulate_weight_grad(
 
 class _ChunkedLinearLogSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, index, temperature, rows, want_entropy):
+    def forward(ctx, hidden, weight, index, temperature, rows, rows_given, want_entropy, vocab_rows):
         hidden_rows = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
         flat_index = index.reshape(-1)  # [N]
         num_rows = hidden_rows.shape[0]
@@ -167,7 +167,8 @@ class _ChunkedLinearLogSoftmax(torch.autograd.Function):
             if want_entropy:
                 entropy[start:end] = chunk_entropy
         ctx.save_for_backward(hidden_rows, weight, flat_index, lse_all)
-        ctx.temperature, ctx.rows, ctx.hidden_shape = temperature, rows, hidden.shape
+        ctx.temperature, ctx.hidden_shape = temperature, hidden.shape
+        ctx.rows, ctx.rows_given, ctx.vocab_rows = rows, rows_given, vocab_rows
         # Backward must recompute the logits under the same autocast state as this forward.
         device_type = hidden.device.type
         ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
@@ -180,33 +181,50 @@ class _ChunkedLinearLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy=None):
+        # Tiles of [row chunk, vocab slice]: the vocab slice is the outer loop, so the weight gradient is
+        # accumulated in fp32 one slice at a time and written to a gradient in the weight's dtype -- never an
+        # fp32 [V, H] beside it (at V=150k, H=4096 that pair alone would be 3.4 GiB in bf16).
         hidden_rows, weight, flat_index, lse_all = ctx.saved_tensors
-        temperature, rows = ctx.temperature, ctx.rows
+        temperature = ctx.temperature
         device_type, autocast_dtype, autocast_enabled = ctx.autocast
         grad_flat = grad_logps.reshape(-1).float()  # [N]
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden_rows) if need_hidden else None  # [N, H]
-        # Accumulate the weight gradient over chunks in fp32, as one big GEMM would internally.
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        for start in range(0, hidden_rows.shape[0], rows):
-            end = min(start + rows, hidden_rows.shape[0])
-            chunk_hidden = hidden_rows[start:end]  # [c, H]
-            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
-                block = chunk_hidden @ weight.T  # [c, V] recomputed logits
-            block = block.float().div_(temperature)
-            block.sub_(lse_all[start:end].unsqueeze(-1)).exp_()  # softmax
-            scale = (grad_flat[start:end] / temperature).unsqueeze(-1)  # [c, 1]
-            block.mul_(-scale)
-            block.scatter_add_(-1, flat_index[start:end].unsqueeze(-1), scale)  # d loss / d logits
-            if need_hidden:
-                grad_hidden[start:end] = block.to(weight.dtype) @ weight  # [c, H]
-            if need_weight:
-                _accumulate_weight_grad(grad_weight, block, chunk_hidden, low_precision_gemm=weight.is_cuda)
+        num_rows, vocab = hidden_rows.shape[0], weight.shape[0]
+        vocab_step = ctx.vocab_rows
+        row_step = ctx.rows if ctx.rows_given else max(1, CHUNK_BYTES // (4 * min(vocab_step, vocab)))
+        grad_hidden = torch.zeros(hidden_rows.shape, dtype=torch.float32, device=hidden_rows.device) \
+            if need_hidden else None  # [N, H], summed over vocab slices
+        grad_weight = torch.empty_like(weight) if need_weight else None  # [V, H]
+        for v0 in range(0, vocab, vocab_step):
+            v1 = min(v0 + vocab_step, vocab)
+            weight_slice = weight[v0:v1]  # [v, H]
+            if need_weight:   # fp32 accumulator of this slice (the gradient itself when it is fp32)
+                slice_grad = grad_weight[v0:v1] if weight.dtype == torch.float32 else \
+                    torch.empty(weight_slice.shape, dtype=torch.float32, device=weight.device)
+                slice_grad.zero_()
+            for start in range(0, num_rows, row_step):
+                end = min(start + row_step, num_rows)
+                chunk_hidden = hidden_rows[start:end]  # [c, H]
+                with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+                    block = chunk_hidden @ weight_slice.T  # [c, v] recomputed logits
+                block = block.float().div_(temperature)
+                block.sub_(lse_all[start:end].unsqueeze(-1)).exp_()  # softmax over the whole vocabulary
+                scale = (grad_flat[start:end] / temperature).unsqueeze(-1)  # [c, 1]
+                block.mul_(-scale)
+                local = flat_index[start:end] - v0  # [c] target ids inside this slice
+                inside = (local >= 0) & (local < v1 - v0)
+                if inside.any():
+                    rows_in = inside.nonzero().squeeze(-1)
+                    block[rows_in, local[rows_in]] += scale.squeeze(-1)[rows_in]  # d loss / d logits
+                if need_hidden:
+                    grad_hidden[start:end] += block.to(weight.dtype) @ weight_slice  # [c, H]
+                if need_weight:
+                    _accumulate_weight_grad(slice_grad, block, chunk_hidden, low_precision_gemm=weight.is_cuda)
+            if need_weight and slice_grad.data_ptr() != grad_weight[v0:v1].data_ptr():
+                grad_weight[v0:v1] = slice_grad.to(weight.dtype)
         if need_hidden:
-            grad_hidden = grad_hidden.view(ctx.hidden_shape)
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+            grad_hidden = grad_hidden.to(hidden_rows.dtype).view(ctx.hidden_shape)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def selective_log_softmax_from_hidden(
@@ -217,12 +235,15 @@ def selective_log_softmax_from_hidden(
     temperature: float = 1.0,
     chunk_size: Optional[int] = None,
     return_entropy: bool = False,
+    vocab_chunk_size: Optional[int] = None,
 ):
     """log_softmax((hidden @ weight.T) / temperature) at `index`; the logits exist one chunk at a time.
 
     hidden: [..., H] final hidden states (after the last norm); weight: [V, H] the lm_head weight
-    (a bias-free lm_head, as in Llama/Qwen); index: [...] token ids. Backward recomputes each chunk's
-    logits. Returns fp32 logprobs [...] and, with `return_entropy`, the entropy [...] (no gradient).
+    (a bias-free lm_head, as in Llama/Qwen); index: [...] token ids. Backward recomputes the logits
+    in [chunk_size rows, vocab_chunk_size ids] tiles and accumulates the weight gradient in fp32 one
+    vocabulary slice at a time (default: slices whose fp32 block takes about CHUNK_BYTES / 4).
+    Returns fp32 logprobs [...] and, with `return_entropy`, the entropy [...] (no gradient).
     Under ZeRO-3 or FSDP the caller must pass the gathered (full) weight.
     """
     _check_temperature(temperature)
@@ -231,7 +252,12 @@ def selective_log_softmax_from_hidden(
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"lm_head weight must be [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
     rows = _chunk_rows(chunk_size, weight.shape[0])
-    return _ChunkedLinearLogSoftmax.apply(hidden, weight, index, float(temperature), rows, return_entropy)
+    if vocab_chunk_size is None:
+        vocab_chunk_size = max(1, CHUNK_BYTES // 4 // (4 * weight.shape[1]))
+    elif vocab_chunk_size < 1:
+        raise ValueError(f"vocab_chunk_size must be a positive number of vocabulary ids, got {vocab_chunk_size}")
+    return _ChunkedLinearLogSoftmax.apply(hidden, weight, index, float(temperature), rows, chunk_size is not None,
+                                          return_entropy, vocab_chunk_size)
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:

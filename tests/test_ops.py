@@ -58,8 +58,9 @@ def test_selective_log_softmax_other_ranks():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-@pytest.mark.parametrize("chunk_size", [1, 4, None])
-def test_from_hidden_matches_naive(temperature, chunk_size):
+@pytest.mark.parametrize("chunk_size, vocab_chunk_size", [(1, None), (4, None), (None, None), (4, 10), (None, 83),
+                                                          (3, 1)])
+def test_from_hidden_matches_naive(temperature, chunk_size, vocab_chunk_size):
     torch.manual_seed(0)
     hidden = torch.randn(2, 7, 16, requires_grad=True)  # [B, T, H]
     weight = torch.randn(83, 16, requires_grad=True)  # [V, H]
@@ -67,7 +68,8 @@ def test_from_hidden_matches_naive(temperature, chunk_size):
     weights = torch.randn(2, 7)
 
     logps, entropy = selective_log_softmax_from_hidden(hidden, weight, index, temperature=temperature,
-                                                       chunk_size=chunk_size, return_entropy=True)
+                                                       chunk_size=chunk_size, return_entropy=True,
+                                                       vocab_chunk_size=vocab_chunk_size)
     logits = hidden @ weight.T
     expected = naive_logps(logits, index, temperature)
     torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
@@ -85,19 +87,20 @@ def test_from_hidden_frozen_weight_and_sliced_hidden():
     hidden = full[:, :-1]
     weight = torch.randn(40, 16)  # frozen lm_head
     index = torch.randint(0, 40, (2, 7))
-    logps = selective_log_softmax_from_hidden(hidden, weight, index, chunk_size=3)
+    logps = selective_log_softmax_from_hidden(hidden, weight, index, chunk_size=3, vocab_chunk_size=9)
     expected = naive_logps(hidden @ weight.T, index)
     (grad,) = torch.autograd.grad(logps.sum(), full)
     (expected_grad,) = torch.autograd.grad(expected.sum(), full)
     torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
 
 
-def test_from_hidden_bf16():
+@pytest.mark.parametrize("vocab_chunk_size", [None, 7])
+def test_from_hidden_bf16(vocab_chunk_size):
     torch.manual_seed(0)
     hidden = torch.randn(2, 5, 16).to(torch.bfloat16).requires_grad_()
     weight = torch.randn(60, 16).to(torch.bfloat16).requires_grad_()
     index = torch.randint(0, 60, (2, 5))
-    logps = selective_log_softmax_from_hidden(hidden, weight, index, chunk_size=3)
+    logps = selective_log_softmax_from_hidden(hidden, weight, index, chunk_size=3, vocab_chunk_size=vocab_chunk_size)
     expected = naive_logps(hidden @ weight.T, index)  # what lm_head(...).float() gives
     torch.testing.assert_close(logps, expected, atol=1e-5, rtol=0)
     grads = torch.autograd.grad(logps.sum(), [hidden, weight])
