@@ -177,3 +177,44 @@ def test_grpo_run_is_the_same_with_and_without_shared_prompts(tiny_model_dir, tm
         assert shared.get("reward") == full.get("reward")       # the same rollouts
         assert shared["loss"] == pytest.approx(full["loss"], abs=1e-5)
         assert shared["kl"] == pytest.approx(full["kl"], abs=1e-5)
+
+
+DDP_CHECK = '''
+import json, sys
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM
+sys.path.insert(0, ".")
+import train_grpo
+from common.models import cache_argument
+from test_train_grpo import _rollouts
+
+model_dir, out = sys.argv[1], sys.argv[2]
+accelerator = Accelerator(cpu=True)
+rank = accelerator.process_index
+load = lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+reference, model = load(), accelerator.prepare(load())
+rollouts = _rollouts([(6 + rank, [4, 2, 4]), (4, [3, 4, 1])], seed=rank)   # each rank its own rows
+batch = train_grpo.rollout_batch(rollouts, 0, False, share_prompts=True)
+cache_arg = cache_argument(accelerator.unwrap_model(model))
+logps = train_grpo.completion_logprobs(model, batch, 1.0, cache_arg)   # two forwards through DDP, one backward
+accelerator.backward((logps * batch["completion_mask"]).sum())
+(train_grpo.completion_logprobs(reference, batch, 1.0) * batch["completion_mask"]).sum().backward()
+worst = 0.0
+for (name, p), q in zip(accelerator.unwrap_model(model).named_parameters(), reference.parameters()):
+    expected = accelerator.reduce(q.grad.clone(), "mean")   # what DDP's all-reduce must give
+    worst = max(worst, (p.grad - expected).abs().max().item())
+if rank == 0:
+    json.dump({"worst": worst, "cache_arg": cache_arg}, open(out, "w"))
+'''
+
+
+def test_shared_prompt_backward_through_ddp_averages_gradients_over_processes(tiny_model_dir, tmp_path):
+    """Two forwards (prompts, then completions) per backward through DistributedDataParallel, 2 processes."""
+    script = tmp_path / "ddp_check.py"
+    script.write_text(DDP_CHECK)
+    result = accelerate_launch([str(script), str(tiny_model_dir), str(tmp_path / "out.json")],
+                               extra_env={"PYTHONPATH": f"{Path(__file__).resolve().parent}:{Path(__file__).resolve().parents[1]}"})
+    assert_ok(result)
+    found = json.loads((tmp_path / "out.json").read_text())
+    assert found["cache_arg"] is not None and found["worst"] < 1e-5, found
