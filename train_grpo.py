@@ -23,9 +23,14 @@ Choices this script makes:
   prompt once too. Same logprobs and gradients
   to float rounding, prompt compute / G. Off for the gradient pass under gradient checkpointing, which drops
   caches; models whose forward takes no cache run every row in full.
+- `logprobs_from_hidden`: while a logprob forward runs, the model's lm_head computes the logprobs of the
+  completion tokens from its input hidden states in chunks (common/ops.py) instead of returning logits, so
+  the [B, C, V] logits (and their gradient) never exist whole. Checked once on the first batch against the
+  logits path; models that change logits after lm_head (softcapping, scaling) keep the logits path.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -38,7 +43,7 @@ import torch
 
 from common.args import CommonArgs
 from common.config import ConfigError, config_to_dict, fail_fast, load_config, save_config, world_size_from_env
-from common.models import repeat_cache_rows, returned_cache
+from common.models import lm_head_returns_logprobs, repeat_cache_rows, returned_cache
 from common.ops import masked_mean, masked_sum, selective_log_softmax
 from common.rewards import combine_rewards
 from common.tracking import setup_logging
@@ -94,6 +99,7 @@ class Config(CommonArgs):
     prompt_overflow: Literal["truncate", "error"] = "truncate"
     generation_batch_size: Optional[int] = None      # prompts per generate() call; null: all at once
     share_prompt_prefix: bool = True                 # one forward per distinct prompt per micro-batch (see above)
+    logprobs_from_hidden: bool = True                # lm_head returns logprobs: no [B, C, V] logits (see above)
     # eval: greedy completions on the eval split scored by the reward functions
     eval_on_start: bool = False
     eval_max_samples: Optional[int] = 256
@@ -324,21 +330,30 @@ def rollout_batch(rollouts: list, pad_token_id: int, mask_truncated: bool,
             "prompt_first_row": first_row, "prompt_of_row": owner}
 
 
-def completion_logprobs(model, batch: dict, temperature: float, cache_arg: Optional[str] = None) -> torch.Tensor:
+def completion_logprobs(model, batch: dict, temperature: float, cache_arg: Optional[str] = None,
+                        lm_head: Optional[torch.nn.Linear] = None) -> torch.Tensor:
     """Per-token logprobs of the completion tokens under `model`: [B, C]. Only the completion's logits are made.
 
     With `cache_arg` and `batch["prompt_of_row"]`, each distinct prompt runs once (shared_prompt_logprobs).
+    With `lm_head` (the model's own, see logprobs_from_hidden), its forward returns logprobs: the [B, C, V]
+    logits are never whole.
     """
     if cache_arg is not None and batch.get("prompt_of_row") is not None:
-        return shared_prompt_logprobs(model, batch, temperature, cache_arg)
+        return shared_prompt_logprobs(model, batch, temperature, cache_arg, lm_head)
     width = batch["completion_width"]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=width + 1, use_cache=False).logits  # [B, C+1, V]
     completion_ids = batch["input_ids"][:, -width:]                                                         # [B, C]
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"], logits_to_keep=width + 1, use_cache=False)
+    if lm_head is not None:
+        targets = torch.nn.functional.pad(completion_ids, (0, 1))   # the last position predicts past the end
+        with lm_head_returns_logprobs(lm_head, targets, temperature):
+            return model(**inputs).logits[:, :-1]                                                           # [B, C]
+    logits = model(**inputs).logits                                                                        # [B, C+1, V]
     return selective_log_softmax(logits[:, :-1], completion_ids, temperature=temperature)                  # [B, C]
 
 
-def shared_prompt_logprobs(model, batch: dict, temperature: float, cache_arg: str) -> torch.Tensor:
+def shared_prompt_logprobs(model, batch: dict, temperature: float, cache_arg: str,
+                           lm_head: Optional[torch.nn.Linear] = None) -> torch.Tensor:
     """`completion_logprobs` with the prompt part run once per distinct prompt: [B, C].
 
     Pass 1 runs the U distinct prompts [U, P] and keeps their KV cache and last-position logits (which
@@ -350,21 +365,46 @@ def shared_prompt_logprobs(model, batch: dict, temperature: float, cache_arg: st
     first_row, owner = batch["prompt_first_row"], batch["prompt_of_row"]                          # [U], [B]
     width = batch["completion_width"]
     prompt_width = ids.shape[1] - width
-    prompts = model(input_ids=ids[first_row, :prompt_width], attention_mask=mask[first_row, :prompt_width],
-                    position_ids=positions[first_row, :prompt_width], use_cache=True, logits_to_keep=1)
+    completion_ids = ids[:, prompt_width:]                                                       # [B, C]
+    head = contextlib.nullcontext() if lm_head is None else \
+        lm_head_returns_logprobs(lm_head, completion_ids[:, :1], temperature, rows=owner)
+    with head:
+        prompts = model(input_ids=ids[first_row, :prompt_width], attention_mask=mask[first_row, :prompt_width],
+                        position_ids=positions[first_row, :prompt_width], use_cache=True, logits_to_keep=1)
     cache = repeat_cache_rows(returned_cache(prompts), owner)                                   # [U, ...] -> [B, ...]
-    logits = prompts.logits[owner]                                                               # [B, 1, V]
+    pieces = [prompts.logits if lm_head is not None else prompts.logits[owner]]                  # [B, 1(, V)]
     if width > 1:
         full_layers = [layer for layer in cache.layers if not getattr(layer, "is_sliding", False)]
         cached = [layer.keys.shape[-2] for layer in full_layers]
-        completions = model(input_ids=ids[:, prompt_width:-1], attention_mask=mask[:, :-1],
-                            position_ids=positions[:, prompt_width:-1], use_cache=True,
-                            logits_to_keep=width - 1, **{cache_arg: cache})
+        head = contextlib.nullcontext() if lm_head is None else \
+            lm_head_returns_logprobs(lm_head, completion_ids[:, 1:], temperature)
+        with head:
+            completions = model(input_ids=ids[:, prompt_width:-1], attention_mask=mask[:, :-1],
+                                position_ids=positions[:, prompt_width:-1], use_cache=True,
+                                logits_to_keep=width - 1, **{cache_arg: cache})
         if any(layer.keys.shape[-2] != before + width - 1 for layer, before in zip(full_layers, cached)):
             raise RuntimeError(f"share_prompt_prefix: {type(model).__name__} did not read the prompt cache passed "
                                f"as {cache_arg!r}; set share_prompt_prefix=false")
-        logits = torch.cat([logits, completions.logits], dim=1)                                  # [B, C, V]
-    return selective_log_softmax(logits, ids[:, prompt_width:], temperature=temperature)        # [B, C]
+        pieces.append(completions.logits)                                                        # [B, C-1(, V)]
+    if lm_head is not None:
+        return torch.cat(pieces, dim=1)                                                          # [B, C] logprobs
+    return selective_log_softmax(torch.cat(pieces, dim=1), completion_ids, temperature=temperature)   # [B, C]
+
+
+def lm_head_logprobs_agree(model, lm_head: torch.nn.Linear, batch: dict, temperature: float,
+                           cache_arg: Optional[str]) -> bool:
+    """Whether `model` returns its lm_head output unchanged as logits (no softcapping or scaling after it),
+    checked on a real batch: logprobs through lm_head_returns_logprobs == through the logits."""
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0)
+           for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")):
+        return False
+    with torch.no_grad():
+        expected = completion_logprobs(model, batch, temperature, cache_arg)
+        found = completion_logprobs(model, batch, temperature, cache_arg, lm_head)
+    mask = batch["completion_mask"].bool()
+    tolerance = 1e-3 if lm_head.weight.dtype == torch.float32 else 3e-2
+    return found.shape == expected.shape and bool(((found - expected).abs()[mask] <= tolerance).all())
 
 
 def score_rollouts(reward_functions: list, inputs: list) -> torch.Tensor:
@@ -401,7 +441,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                    save_checkpoint, save_model)
     from common.data import load_train_eval, render_prompt
     from common.evaluation import build_reward_inputs, greedy_eval
-    from common.models import cache_argument, load_causal_lm, load_tokenizer, prepare_frozen_model
+    from common.models import cache_argument, load_causal_lm, load_tokenizer, plain_lm_head, prepare_frozen_model
     from common.rewards import get_reward_factory
     from common.rollout import HFGenerateEngine, SamplingParams, truncate_prompts
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
@@ -482,15 +522,34 @@ def main(argv: Optional[list[str]] = None) -> None:
     if cfg.share_prompt_prefix and policy_cache_arg is None:
         logger.warning("share_prompt_prefix: the model's forward takes no KV cache; every row runs in full")
     train_cache_arg = None if cfg.gradient_checkpointing else policy_cache_arg   # checkpointed layers drop caches
+    # logprobs_from_hidden: each model's lm_head, kept after a check on the first batch (verified_head)
+    policy_head = plain_lm_head(accelerator.unwrap_model(model)) if cfg.logprobs_from_hidden else None
+    reference_head = policy_head if reference is None else (
+        plain_lm_head(accelerator.unwrap_model(reference)) if cfg.logprobs_from_hidden else None)
+    heads_checked = False
+
+    def verified_head(net, head, batch: dict, cache_arg: Optional[str], name: str):
+        if head is None:
+            if cfg.logprobs_from_hidden:
+                logger.warning("logprobs_from_hidden: the %s has no plain bias-free lm_head; using its logits", name)
+            return None
+        agree = lm_head_logprobs_agree(accelerator.unwrap_model(net), head, batch, logprob_temperature, cache_arg)
+        # every process must take the same path (ZeRO-3 runs the forwards together)
+        disagree = accelerator.reduce(torch.tensor(float(not agree), device=accelerator.device), "max").item()
+        if disagree:
+            logger.warning("logprobs_from_hidden: the %s changes its logits after lm_head (softcapping or scaling); "
+                           "using its logits", name)
+            return None
+        return head
 
     def reference_logprobs(batch: dict) -> Optional[torch.Tensor]:
         if cfg.beta == 0:
             return None
         with torch.no_grad():
             if reference is not None:
-                return completion_logprobs(reference, batch, logprob_temperature, reference_cache_arg)
+                return completion_logprobs(reference, batch, logprob_temperature, reference_cache_arg, reference_head)
             with accelerator.unwrap_model(model).disable_adapter():  # PEFT: the base model is the reference
-                return completion_logprobs(model, batch, logprob_temperature, policy_cache_arg)
+                return completion_logprobs(model, batch, logprob_temperature, policy_cache_arg, policy_head)
 
     def evaluate(step: int) -> dict:
         result = greedy_eval(accelerator, model, tokenizer, eval_examples, combined_reward, cfg.max_completion_length,
@@ -562,9 +621,18 @@ def main(argv: Optional[list[str]] = None) -> None:
                                       share_prompts=cfg.share_prompt_prefix)
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 batch["advantages"] = local_advantages[start: start + len(chunk)].to(accelerator.device)
+                if not heads_checked:
+                    policy_head = verified_head(model, policy_head, batch, policy_cache_arg, "policy")
+                    if reference is not None and cfg.beta != 0:
+                        reference_head = verified_head(reference, reference_head, batch, reference_cache_arg,
+                                                       "reference model")
+                    else:
+                        reference_head = policy_head
+                    heads_checked = True
                 with torch.no_grad():
                     # the same forward as the update's, so the first ratio is exactly 1
-                    batch["old_logps"] = (completion_logprobs(model, batch, logprob_temperature, train_cache_arg)
+                    batch["old_logps"] = (completion_logprobs(model, batch, logprob_temperature, train_cache_arg,
+                                                              policy_head)
                                           if cfg.num_iterations > 1 else None)
                 batch["ref_logps"] = reference_logprobs(batch)
                 micro_batches.append(batch)
@@ -580,7 +648,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sums = torch.zeros(5, device=accelerator.device)  # loss, kl, clip low, clip high, clip region
         for batch in micro_batches:
             with accelerator.accumulate(model):
-                logps = completion_logprobs(model, batch, logprob_temperature, train_cache_arg)         # [B, C]
+                logps = completion_logprobs(model, batch, logprob_temperature, train_cache_arg, policy_head)  # [B, C]
                 loss, loss_metrics = grpo_loss(
                     logps, batch["old_logps"], batch["ref_logps"], batch["advantages"], batch["completion_mask"],
                     loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,

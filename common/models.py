@@ -1,6 +1,7 @@
 """Policy / reference / teacher / student loading: tokenizer, dtype, attention, PEFT, 4-bit, checkpointing."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
@@ -159,4 +160,35 @@ def repeat_cache_rows(cache, index: torch.Tensor, owner: str = "share_prompt_pre
     for layer in layers:
         layer.keys, layer.values = layer.keys[index], layer.values[index]
     return cache
+
+
+def plain_lm_head(model) -> Optional[torch.nn.Linear]:
+    """The model's output projection when it is a bias-free `nn.Linear` (Llama, Qwen, Mistral...), else None."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if getter is not None else None
+    return head if type(head) is torch.nn.Linear and head.bias is None else None
+
+
+@contextlib.contextmanager
+def lm_head_returns_logprobs(lm_head: torch.nn.Linear, targets: torch.Tensor, temperature: float,
+                             rows: Optional[torch.Tensor] = None):
+    """Inside the block, `lm_head(hidden [B, K, H])` returns fp32 logprobs of `targets` [B, K] instead of the
+    logits [B, K, V], which then only ever exist one chunk at a time (ops.selective_log_softmax_from_hidden).
+
+    The model is still called as a whole (through DDP / DeepSpeed wrappers and their hooks: under ZeRO-3 the
+    weight is gathered while lm_head runs). `rows` [B] first selects hidden rows (prompts shared by several
+    completions). Only for models that return lm_head's output as their logits: check_lm_head_logprobs.
+    """
+    from common.ops import selective_log_softmax_from_hidden
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        if rows is not None:
+            hidden = hidden[rows]
+        return selective_log_softmax_from_hidden(hidden, lm_head.weight, targets, temperature=temperature)
+
+    lm_head.forward = forward   # an instance attribute: nn.Module.__call__ and its hooks run as usual
+    try:
+        yield
+    finally:
+        del lm_head.forward
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -36,15 +37,27 @@ def test_sft_zero3_trains_and_saves_full_weights(tiny_model_dir, tmp_path):
 
 
 def test_grpo_zero3_with_sharded_reference(tiny_model_dir, tmp_path):
-    out = tmp_path / "grpo"
-    assert_ok(deepspeed_launch(
-        ["train_grpo.py", "--config", "configs/recipe/quickstart_grpo.yaml", f"model_name_or_path={tiny_model_dir}",
-         f"output_dir={out}", "make_dataset_fn.num_samples=200", "max_steps=2", "train_batch_size=32",
-         "per_device_train_batch_size=8", "num_generations=8", "beta=0.04", "max_completion_length=6",
-         "eval_on_start=false", "do_eval=false", "logging_steps=1"], zero_stage=3))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
-    assert all(r["kl"] >= 0 for r in rows if "kl" in r)
+    """ZeRO-3 with a sharded reference; the lm_head-logprob path (gathered weight inside lm_head's forward)
+    gives the same losses as the logits path."""
+    runs = {}
+    for from_hidden in ("true", "false"):
+        out = tmp_path / f"grpo_{from_hidden}"
+        result = deepspeed_launch(
+            ["train_grpo.py", "--config", "configs/recipe/quickstart_grpo.yaml", f"model_name_or_path={tiny_model_dir}",
+             f"output_dir={out}", "make_dataset_fn.num_samples=200", "max_steps=2", "train_batch_size=32",
+             "per_device_train_batch_size=8", "num_generations=8", "beta=0.04", "max_completion_length=6",
+             "eval_on_start=false", "do_eval=false", "logging_steps=1", f"logprobs_from_hidden={from_hidden}"],
+            zero_stage=3)
+        assert_ok(result)
+        assert "logprobs_from_hidden:" not in result.stderr   # the first-batch check passed on both models
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[from_hidden] = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in runs["true"]] == [1, 2]
+    assert all(r["kl"] >= 0 for r in runs["true"])
+    for found, expected in zip(runs["true"], runs["false"]):
+        assert found["reward"] == expected["reward"]
+        assert found["loss"] == pytest.approx(expected["loss"], abs=1e-5)
+        assert found["kl"] == pytest.approx(expected["kl"], abs=1e-5)
 
 
 def test_gkd_zero3_with_sharded_teacher(tiny_model_dir, tmp_path):

@@ -218,3 +218,64 @@ def test_shared_prompt_backward_through_ddp_averages_gradients_over_processes(ti
     assert_ok(result)
     found = json.loads((tmp_path / "out.json").read_text())
     assert found["cache_arg"] is not None and found["worst"] < 1e-5, found
+
+
+@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_logprobs_from_the_lm_head_equal_the_logits_path(tiny_model_dir, share, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import train_grpo
+    from common.models import cache_argument, plain_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=getattr(torch, dtype),
+                                                 attn_implementation="sdpa")
+    model.train()
+    head = plain_lm_head(model)
+    assert head is not None and model.config.tie_word_embeddings   # the tied case: two uses of one weight
+    batch = train_grpo.rollout_batch(_rollouts([(9, [5, 3, 5, 1]), (6, [4, 5, 2, 5])]), 0, False, share_prompts=share)
+    cache_arg = cache_argument(model) if share else None
+    mask = batch["completion_mask"]
+    weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(1))
+
+    def run(lm_head):
+        model.zero_grad()
+        logps = train_grpo.completion_logprobs(model, batch, 0.7, cache_arg, lm_head)   # [B, C]
+        assert logps.dtype == torch.float32 and logps.shape == mask.shape
+        (logps * mask * weights).sum().backward()
+        return logps.detach() * mask, {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+    (expected, expected_grads), (found, grads) = run(None), run(head)
+    assert "forward" not in vars(head)   # the lm_head is itself again
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == "float32" else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(found, expected, **tolerance)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, **tolerance, msg=name)
+    assert train_grpo.lm_head_logprobs_agree(model, head, batch, 0.7, cache_arg)
+
+
+def test_a_model_that_scales_its_logits_keeps_the_logits_path(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import train_grpo
+    from common.models import plain_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    batch = train_grpo.rollout_batch(_rollouts([(5, [3, 3])]), 0, False)
+    model.config.final_logit_softcapping = 30.0   # declared: refused without running anything
+    assert not train_grpo.lm_head_logprobs_agree(model, plain_lm_head(model), batch, 1.0, None)
+    del model.config.final_logit_softcapping
+    original = type(model).forward
+
+    def scaled_forward(self, *args, **kwargs):   # undeclared: a transform after lm_head, caught by the values
+        output = original(self, *args, **kwargs)
+        output.logits = output.logits * 0.5
+        return output
+
+    type(model).forward = scaled_forward
+    try:
+        assert not train_grpo.lm_head_logprobs_agree(model, plain_lm_head(model), batch, 1.0, None)
+    finally:
+        type(model).forward = original
