@@ -74,7 +74,10 @@ class _Worker:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "common.judge_client", str(child_end.fileno())],
-            pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL, env=env)
+            pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL, env=env,
+            # Its own session: a SIGTERM/SIGINT sent to the trainer's process group (torchrun, Ctrl-C) must not
+            # kill it before the trainer checkpoints; it exits when the trainer's socket closes.
+            start_new_session=True)
         child_end.close()
         self.index = index
         self.conn = Connection(parent_end.detach())
@@ -135,8 +138,12 @@ class ClientProcessPool:
         future = asyncio.get_running_loop().create_future()
         worker.pending[call_id] = (asyncio.get_running_loop(), future)
         try:
-            with worker.send_lock:
-                worker.conn.send((call_id, kwargs, timeout))
+            try:
+                with worker.send_lock:
+                    worker.conn.send((call_id, kwargs, timeout))
+            except OSError as err:   # the child died after the check above
+                raise RuntimeError(worker.dead or f"judge client process {worker.index} "
+                                   f"(pid {worker.process.pid}) is gone: {err}") from err
             # The child times the call out itself; this bound only guards against a stuck child.
             return await asyncio.wait_for(future, timeout + 30)
         finally:

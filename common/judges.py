@@ -135,12 +135,15 @@ def _check_type(value, tp, where: str):
     if origin is typing.Union:                              # Optional[X], Union[int, str]
         if value is None and type(None) in args:
             return None
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:   # Optional[X]: X's own error, which names the nested key
+            return _check_type(value, options[0], where)
+        for option in options:
             try:
                 return _check_type(value, option, where)
             except TypeError:
                 continue
-        names = " or ".join(a.__name__ for a in args if a is not type(None))
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in options)
         raise TypeError(f"{where}: expected {names}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, where)

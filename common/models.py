@@ -149,16 +149,16 @@ def returned_cache(output):
 
 
 def repeat_cache_rows(cache, index: torch.Tensor, owner: str = "share_prompt_prefix"):
-    """Select batch rows of a key/value cache in place (`index` [B] of row numbers); returns the cache.
+    """Select batch rows of a KV cache (`index` [B] of row numbers); returns the cache.
 
-    An index (not a view) so that, under autograd, gradients from every row that reads a cached row add up.
+    Through the cache's own `reorder_cache` (what beam search uses), so every layer kind moves its state
+    (attention keys/values, sliding windows, recurrent/conv states, indexer keys). It selects with
+    index_select, so under autograd gradients from every row that reads a cached row add up.
     """
-    layers = getattr(cache, "layers", None)
-    if not layers or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
-        raise RuntimeError(f"{owner}: the model returned no key/value cache ({type(cache).__name__}); "
+    if cache is None or not callable(getattr(cache, "reorder_cache", None)):
+        raise RuntimeError(f"{owner}: the model returned no reorderable KV cache ({type(cache).__name__}); "
                            f"set {owner}=false")
-    for layer in layers:
-        layer.keys, layer.values = layer.keys[index], layer.values[index]
+    cache.reorder_cache(index)
     return cache
 
 

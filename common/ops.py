@@ -211,11 +211,9 @@ class _ChunkedLinearLogSoftmax(torch.autograd.Function):
                 block.sub_(lse_all[start:end].unsqueeze(-1)).exp_()  # softmax over the whole vocabulary
                 scale = (grad_flat[start:end] / temperature).unsqueeze(-1)  # [c, 1]
                 block.mul_(-scale)
-                local = flat_index[start:end] - v0  # [c] target ids inside this slice
-                inside = (local >= 0) & (local < v1 - v0)
-                if inside.any():
-                    rows_in = inside.nonzero().squeeze(-1)
-                    block[rows_in, local[rows_in]] += scale.squeeze(-1)[rows_in]  # d loss / d logits
+                local = flat_index[start:end] - v0  # [c] target ids relative to this slice
+                inside = ((local >= 0) & (local < v1 - v0)).unsqueeze(-1)  # [c, 1]; no host sync on GPU
+                block.scatter_add_(-1, local.clamp(0, v1 - v0 - 1).unsqueeze(-1), scale * inside)  # d loss / d logits
                 if need_hidden:
                     grad_hidden[start:end] += block.to(weight.dtype) @ weight_slice  # [c, H]
                 if need_weight:

@@ -291,11 +291,15 @@ class HFGenerateEngine:
         repeated for its `group` rows; generate() then starts from the last prompt token. {} when off."""
         from common.models import cache_argument, repeat_cache_rows, returned_cache
 
-        cache_arg = cache_argument(model) if self.share_prompt_prefill and group > 1 and width > 1 else None
+        # A generation config that names a cache implementation (static, hybrid...) makes generate() build
+        # its own cache and refuse one passed in.
+        custom_cache = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+        cache_arg = cache_argument(model) if self.share_prompt_prefill and group > 1 and width > 1 \
+            and custom_cache is None else None
         if cache_arg is None:
             return {}
         input_ids, attention_mask = left_pad(prompts, self.tokenizer.pad_token_id, self._device(model))  # [U, T]
-        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # as generate() makes them
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # padding positions are masked: any value
         output = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
                        position_ids=position_ids[:, :-1], use_cache=True, logits_to_keep=1)
         rows = torch.arange(len(prompts), device=input_ids.device).repeat_interleave(group)     # [U * G]

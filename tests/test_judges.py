@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -343,6 +344,8 @@ def test_a_client_process_that_dies_stops_the_run_with_its_exit_code(server):
     rim._pool = ClientProcessPool(2)   # a pool of its own: killing it must not touch the shared one
     try:
         assert rim.score([TRAJ])[0].reward == 0.5
+        # a signal to the trainer's process group (torchrun, Ctrl-C) does not reach the children
+        assert all(os.getpgid(w.process.pid) != os.getpgid(0) for w in rim._pool.workers)
         rim._pool.workers[0].process.kill()
         rim._pool.workers[1].process.kill()
         with pytest.raises(RuntimeError, match=r"judge client process \d \(pid \d+\) exited with code -9"):
@@ -397,6 +400,8 @@ def test_shipped_reward_systems_match_the_spec_table():
     (lambda raw: raw["active_judges"].update(honesty=True), "active_judges.honesty"),
     (lambda raw: raw.update(aggregation="median"), "aggregation must be"),
     (lambda raw: raw["parallel_execution"].update(client_processes=0), "parallel_execution.client_processes"),
+    (lambda raw: raw["parallel_execution"].update(client_processes=1.5), "parallel_execution.client_processes"),
+    (lambda raw: raw.update(judge_weights={"accuracy": "high"}), "judge_weights.accuracy: expected float"),
 ])
 def test_bad_reward_system_file_names_file_and_key(tmp_path, edit, message):
     raw = yaml.safe_load(RUNTIME.read_text())

@@ -121,6 +121,15 @@ def test_shared_prompt_prefill_gives_the_same_rollouts(model, tokenizer, prompts
     assert len({tuple(r.completion_ids) for r in shared}) > len(prompts) or temperature == 0   # rows differ
 
 
+def test_shared_prefill_steps_aside_for_a_generation_config_cache(model, tokenizer, prompts):
+    """generate() refuses a cache passed in when the generation config names its own (static, hybrid)."""
+    model.generation_config.cache_implementation = "static"
+    params = SamplingParams(temperature=0, max_new_tokens=6, num_generations=2)
+    shared = HFGenerateEngine(model, tokenizer, share_prompt_prefill=True).generate(prompts, params)
+    alone = HFGenerateEngine(model, tokenizer, share_prompt_prefill=False).generate(prompts, params)
+    assert [r.completion_ids for r in shared] == [r.completion_ids for r in alone]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampling_logprobs_match_teacher_forced_forward(model, tokenizer, prompts, temperature):
     # Sampling defaults shipped in a model's generation_config must not leak into rollouts.

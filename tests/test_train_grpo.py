@@ -154,15 +154,18 @@ def test_shared_prompt_forward_equals_the_full_forward(tiny_model_dir, lengths):
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_rollout_batch_marks_repeated_prompts_only():
+def test_rollout_batch_maps_rows_to_distinct_prompts_the_same_way_on_every_process():
+    """With sharing on, every micro-batch gets the map (identity when nothing repeats) and >= 2 completion
+    columns, so every process runs the same forwards (ZeRO-3 / DDP pair collectives by count)."""
     import train_grpo
 
-    distinct = train_grpo.rollout_batch(_rollouts([(4, [2]), (5, [3])]), 0, False, share_prompts=True)
-    assert distinct["prompt_of_row"] is None and distinct["prompt_first_row"] is None   # nothing to share
+    distinct = train_grpo.rollout_batch(_rollouts([(4, [1]), (5, [1])]), 0, False, share_prompts=True)
+    assert distinct["prompt_of_row"].tolist() == [0, 1] and distinct["prompt_first_row"].tolist() == [0, 1]
+    assert distinct["completion_width"] == 2 and distinct["completion_mask"].tolist() == [[1, 0], [1, 0]]
     repeated = train_grpo.rollout_batch(_rollouts([(4, [2, 2]), (5, [3])]), 0, False, share_prompts=True)
     assert repeated["prompt_of_row"].tolist() == [0, 0, 1] and repeated["prompt_first_row"].tolist() == [0, 2]
-    off = train_grpo.rollout_batch(_rollouts([(4, [2, 2])]), 0, False, share_prompts=False)
-    assert off["prompt_of_row"] is None
+    off = train_grpo.rollout_batch(_rollouts([(4, [1, 1])]), 0, False, share_prompts=False)
+    assert off["prompt_of_row"] is None and off["completion_width"] == 1
 
 
 def test_grpo_run_is_the_same_with_and_without_shared_prompts(tiny_model_dir, tmp_path):
