@@ -15,22 +15,20 @@ Choices this script makes:
   `train_batch_size / num_generations` prompts, split evenly over processes, each process sampling whole groups.
 - One generation batch serves `num_iterations` optimizer steps; old logprobs are computed once per batch
   (with `num_iterations == 1` the ratio is exactly 1 and they are not computed at all).
-- Logprobs for the loss come from the training model's own forward; with `unbias_log_probabilities` the
-  logits are divided by the sampling temperature (policy and reference alike).
+- Logprobs for the loss come from the training model's own forward (common/logprobs.py); with
+  `unbias_log_probabilities` the logits are divided by the sampling temperature (policy and reference alike).
 - Rollouts use transformers `generate` on the policy itself (the vLLM backends are not available yet).
 - `share_prompt_prefix`: in each micro-batch every distinct prompt runs through the model once and its KV
   cache serves all of its completions (the G rows of a group repeat the prompt); generation prefills each
-  prompt once too. Same logprobs and gradients
-  to float rounding, prompt compute / G. Off for the gradient pass under gradient checkpointing, which drops
+  prompt once too. Same logprobs and gradients to float rounding, prompt compute / G. Off for the gradient pass under gradient checkpointing, which drops
   caches; models whose forward takes no cache run every row in full.
 - `logprobs_from_hidden`: while a logprob forward runs, the model's lm_head computes the logprobs of the
-  completion tokens from its input hidden states in chunks (common/ops.py) instead of returning logits, so
+  completion tokens from its input hidden states in chunks instead of returning logits, so
   the [B, C, V] logits (and their gradient) never exist whole. Checked once on the first batch against the
   logits path; models that change logits after lm_head (softcapping, scaling) keep the logits path.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -43,8 +41,8 @@ import torch
 
 from common.args import CommonArgs
 from common.config import ConfigError, config_to_dict, fail_fast, load_config, save_config, world_size_from_env
-from common.models import lm_head_returns_logprobs, repeat_cache_rows, returned_cache
-from common.ops import masked_mean, masked_sum, selective_log_softmax
+from common.logprobs import completion_logprobs, lm_head_logprobs_agree, rollout_batch
+from common.ops import masked_mean, masked_sum
 from common.rewards import combine_rewards
 from common.tracking import setup_logging
 
@@ -297,132 +295,6 @@ def group_advantages(
 # Batching and logprobs
 # ---------------------------------------------------------------------------------------------------------------------
 
-def rollout_batch(rollouts: list, pad_token_id: int, mask_truncated: bool,
-                  share_prompts: bool = False) -> dict[str, torch.Tensor]:
-    """Rollouts -> [left-padded prompt | right-padded completion] tensors for one forward pass.
-
-    With `share_prompts`, also `prompt_first_row` [U] (a row holding each distinct prompt) and `prompt_of_row`
-    [B] (which of them each row continues), even when no prompt repeats, and at least 2 completion columns: every
-    process then runs the same two forwards per micro-batch (ZeRO-3 and DDP pair their collectives by count).
-    Without it both are None.
-    """
-    prompt_width = max(len(r.prompt_ids) for r in rollouts)
-    completion_width = max(max(len(r.completion_ids) for r in rollouts), 2 if share_prompts else 1)
-    rows = len(rollouts)
-    input_ids = torch.full((rows, prompt_width + completion_width), pad_token_id, dtype=torch.long)  # [B, P+C]
-    attention_mask = torch.zeros_like(input_ids)                                                     # [B, P+C]
-    completion_mask = torch.zeros((rows, completion_width), dtype=torch.float32)                     # [B, C]
-    for i, rollout in enumerate(rollouts):
-        p, c = len(rollout.prompt_ids), len(rollout.completion_ids)
-        input_ids[i, prompt_width - p: prompt_width] = torch.tensor(rollout.prompt_ids)
-        input_ids[i, prompt_width: prompt_width + c] = torch.tensor(rollout.completion_ids, dtype=torch.long)
-        attention_mask[i, prompt_width - p: prompt_width + c] = 1
-        if not (mask_truncated and rollout.finish_reason == "length"):
-            completion_mask[i, :c] = 1.0
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+C] positions ignore the left padding
-    first_row, owner = None, None
-    if share_prompts:
-        distinct: dict[tuple, int] = {}
-        of_row = [distinct.setdefault(tuple(r.prompt_ids), len(distinct)) for r in rollouts]
-        owner = torch.tensor(of_row, dtype=torch.long)                                          # [B]
-        first_row = torch.tensor([of_row.index(u) for u in range(len(distinct))], dtype=torch.long)  # [U]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "completion_mask": completion_mask, "completion_width": completion_width,
-            "prompt_first_row": first_row, "prompt_of_row": owner}
-
-
-def completion_logprobs(model, batch: dict, temperature: float, cache_arg: Optional[str] = None,
-                        lm_head: Optional[torch.nn.Linear] = None) -> torch.Tensor:
-    """Per-token logprobs of the completion tokens under `model`: [B, C]. Only the completion's logits are made.
-
-    With `cache_arg` and `batch["prompt_of_row"]`, each distinct prompt runs once (shared_prompt_logprobs).
-    With `lm_head` (the model's own, see logprobs_from_hidden), its forward returns logprobs: the [B, C, V]
-    logits are never whole.
-    """
-    if cache_arg is not None and batch.get("prompt_of_row") is not None:
-        return shared_prompt_logprobs(model, batch, temperature, cache_arg, lm_head)
-    width = batch["completion_width"]
-    completion_ids = batch["input_ids"][:, -width:]                                                         # [B, C]
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=batch["position_ids"], logits_to_keep=width + 1, use_cache=False)
-    if lm_head is not None:
-        targets = torch.nn.functional.pad(completion_ids, (0, 1))   # the last position predicts past the end
-        with lm_head_returns_logprobs(lm_head, targets, temperature):
-            return model(**inputs).logits[:, :-1]                                                           # [B, C]
-    logits = model(**inputs).logits                                                                        # [B, C+1, V]
-    return selective_log_softmax(logits[:, :-1], completion_ids, temperature=temperature)                  # [B, C]
-
-
-def shared_prompt_logprobs(model, batch: dict, temperature: float, cache_arg: str,
-                           lm_head: Optional[torch.nn.Linear] = None) -> torch.Tensor:
-    """`completion_logprobs` with the prompt part run once per distinct prompt: [B, C].
-
-    Pass 1 runs the U distinct prompts [U, P] and keeps their KV cache and last-position logits (which
-    predict completion token 0). Their cache rows are repeated to the B rows (an index, so gradients from
-    every completion add up in the shared prompt), and pass 2 runs the completions [B, C-1] on that cache
-    (the last completion token predicts nothing the loss needs).
-    """
-    ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]   # [B, P+C]
-    first_row, owner = batch["prompt_first_row"], batch["prompt_of_row"]                          # [U], [B]
-    width = batch["completion_width"]
-    prompt_width = ids.shape[1] - width
-    completion_ids = ids[:, prompt_width:]                                                       # [B, C]
-    head = contextlib.nullcontext() if lm_head is None else \
-        lm_head_returns_logprobs(lm_head, completion_ids[:, :1], temperature, rows=owner)
-    with head:
-        prompts = model(input_ids=ids[first_row, :prompt_width], attention_mask=mask[first_row, :prompt_width],
-                        position_ids=positions[first_row, :prompt_width], use_cache=True, logits_to_keep=1)
-    cache = repeat_cache_rows(returned_cache(prompts), owner)                                   # [U, ...] -> [B, ...]
-    if lm_head is not None:
-        pieces = [prompts.logits]                                                                # [B, 1] logprobs
-    else:   # log-softmax per piece: concatenating the logits would copy [B, C, V]
-        pieces = [selective_log_softmax(prompts.logits[owner], completion_ids[:, :1], temperature=temperature)]
-    if width > 1:
-        full_layers = [layer for layer in getattr(cache, "layers", [])
-                       if not getattr(layer, "is_sliding", False) and getattr(layer, "keys", None) is not None]
-        cached = [layer.keys.shape[-2] for layer in full_layers]
-        head = contextlib.nullcontext() if lm_head is None else \
-            lm_head_returns_logprobs(lm_head, completion_ids[:, 1:], temperature)
-        with head:
-            completions = model(input_ids=ids[:, prompt_width:-1], attention_mask=mask[:, :-1],
-                                position_ids=positions[:, prompt_width:-1], use_cache=True,
-                                logits_to_keep=width - 1, **{cache_arg: cache})
-        if any(layer.keys.shape[-2] != before + width - 1 for layer, before in zip(full_layers, cached)):
-            raise RuntimeError(f"share_prompt_prefix: {type(model).__name__} did not read the prompt cache passed "
-                               f"as {cache_arg!r}; set share_prompt_prefix=false")
-        pieces.append(completions.logits if lm_head is not None else                            # [B, C-1]
-                      selective_log_softmax(completions.logits, completion_ids[:, 1:], temperature=temperature))
-    return torch.cat(pieces, dim=1)                                                              # [B, C]
-
-
-def lm_head_logprobs_agree(model, lm_head: torch.nn.Linear, batch: dict, temperature: float,
-                           cache_arg: Optional[str]) -> bool:
-    """Whether `model` returns its lm_head output unchanged as logits (no softcapping or scaling after it),
-    checked on a real batch: logprobs through lm_head_returns_logprobs == through the logits. Runs in eval
-    mode (dropout, e.g. LoRA's, would make the two forwards differ); training modes are restored."""
-    config = getattr(model, "config", None)
-    if any(getattr(config, name, None) not in (None, 1, 1.0)
-           for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")):
-        return False
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            expected = completion_logprobs(model, batch, temperature, cache_arg)
-            found = completion_logprobs(model, batch, temperature, cache_arg, lm_head)
-    finally:
-        for module, training in modes:
-            module.train(training)
-    if found.shape != expected.shape:
-        return False
-    error = (found - expected).abs()[batch["completion_mask"].bool()]
-    if error.numel() == 0:
-        return True
-    # bf16: two GEMM tilings may round a large logit a step apart; a transform after lm_head moves them all
-    max_error, mean_error = (1e-3, 1e-4) if lm_head.weight.dtype == torch.float32 else (0.25, 2e-2)
-    return bool(error.max() <= max_error and error.mean() <= mean_error)
-
-
 def score_rollouts(reward_functions: list, inputs: list) -> torch.Tensor:
     """[N, F] rewards, NaN where a function returned None (not applicable)."""
     columns = []
@@ -457,7 +329,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                                    save_checkpoint, save_model)
     from common.data import load_train_eval, render_prompt
     from common.evaluation import build_reward_inputs, greedy_eval
-    from common.models import cache_argument, load_causal_lm, load_tokenizer, plain_lm_head, prepare_frozen_model
+    from common.logprobs import cache_argument, plain_lm_head
+    from common.models import load_causal_lm, load_tokenizer, prepare_frozen_model
     from common.rewards import get_reward_factory
     from common.rollout import HFGenerateEngine, SamplingParams, truncate_prompts
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,

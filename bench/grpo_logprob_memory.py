@@ -2,7 +2,7 @@
 
 The same random Llama (hidden 256, 2 layers, V=150k, tied embeddings) and the same batch of rollouts
 (`--prompts` prompts x `--generations` completions of `--completion-tokens` tokens after `--prompt-tokens`),
-one `train_grpo.completion_logprobs` forward + backward per variant, each in a fresh subprocess:
+one `common.logprobs.completion_logprobs` forward + backward per variant, each in a fresh subprocess:
 
   logits              the model returns [B, C+1, V] logits; chunked log-softmax over them (the usual way,
                       as TRL does it: logits_to_keep, then a selective log-softmax)
@@ -38,8 +38,7 @@ def run_variant(variant: str, args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, ROOT)
-    import train_grpo
-    from common.models import cache_argument, plain_lm_head
+    from common.logprobs import cache_argument, completion_logprobs, plain_lm_head, rollout_batch
     from common.rollout import Rollout
 
     torch.manual_seed(0)
@@ -59,13 +58,13 @@ def run_variant(variant: str, args) -> dict:
             completion = torch.randint(1, args.vocab_size, (args.completion_tokens,), generator=generator).tolist()
             rollouts.append(Rollout(prompt, completion, None, "length", p, g))
     share = variant == "lm_head_shared"
-    batch = train_grpo.rollout_batch(rollouts, 0, False, share_prompts=share)
+    batch = rollout_batch(rollouts, 0, False, share_prompts=share)
     head = plain_lm_head(model) if variant != "logits" else None
     cache_arg = cache_argument(model) if share else None
 
     before = current_rss_bytes()
     start = time.perf_counter()
-    logps = train_grpo.completion_logprobs(model, batch, 1.0, cache_arg, head)   # [B, C]
+    logps = completion_logprobs(model, batch, 1.0, cache_arg, head)   # [B, C]
     (logps * batch["completion_mask"]).sum().backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import inspect
 import logging
 from pathlib import Path
 from typing import Optional
@@ -131,64 +130,14 @@ def prepare_frozen_model(accelerator, model):
     return engine
 
 
-def cache_argument(model) -> Optional[str]:
-    """The keyword under which `model`'s forward (and generate) takes a KV cache, or None when it takes none.
-
-    transformers 5.2x names it `cache` (`past_key_values` is deprecated); earlier 5.x releases only know
-    `past_key_values`. Read from the signature, because a forward with **kwargs would ignore a wrong name.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model   # PEFT
-    parameters = inspect.signature(base.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
-
-
-def returned_cache(output):
-    """The KV cache a forward with use_cache=True returned (`cache`, or `past_key_values` before 5.2x)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
-def repeat_cache_rows(cache, index: torch.Tensor, owner: str = "share_prompt_prefix"):
-    """Select batch rows of a KV cache (`index` [B] of row numbers); returns the cache.
-
-    Through the cache's own `reorder_cache` (what beam search uses), so every layer kind moves its state
-    (attention keys/values, sliding windows, recurrent/conv states, indexer keys). It selects with
-    index_select, so under autograd gradients from every row that reads a cached row add up.
-    """
-    if cache is None or not callable(getattr(cache, "reorder_cache", None)):
-        raise RuntimeError(f"{owner}: the model returned no reorderable KV cache ({type(cache).__name__}); "
-                           f"set {owner}=false")
-    cache.reorder_cache(index)
-    return cache
-
-
-def plain_lm_head(model) -> Optional[torch.nn.Linear]:
-    """The model's output projection when it is a bias-free `nn.Linear` (Llama, Qwen, Mistral...), else None."""
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if getter is not None else None
-    return head if type(head) is torch.nn.Linear and head.bias is None else None
-
-
 @contextlib.contextmanager
-def lm_head_returns_logprobs(lm_head: torch.nn.Linear, targets: torch.Tensor, temperature: float,
-                             rows: Optional[torch.Tensor] = None):
-    """Inside the block, `lm_head(hidden [B, K, H])` returns fp32 logprobs of `targets` [B, K] instead of the
-    logits [B, K, V], which then only ever exist one chunk at a time (ops.selective_log_softmax_from_hidden).
-
-    The model is still called as a whole (through DDP / DeepSpeed wrappers and their hooks: under ZeRO-3 the
-    weight is gathered while lm_head runs). `rows` [B] first selects hidden rows (prompts shared by several
-    completions). Only for models that return lm_head's output as their logits: check_lm_head_logprobs.
-    """
-    from common.ops import selective_log_softmax_from_hidden
-
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        if rows is not None:
-            hidden = hidden[rows]
-        return selective_log_softmax_from_hidden(hidden, lm_head.weight, targets, temperature=temperature)
-
-    lm_head.forward = forward   # an instance attribute: nn.Module.__call__ and its hooks run as usual
+def eval_mode(model: torch.nn.Module):
+    """`model` in eval mode for the block; each module's own training flag restored afterwards (some may be in
+    eval on purpose, e.g. a frozen part)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
     try:
-        yield
+        yield model
     finally:
-        del lm_head.forward
-
+        for module, training in modes:
+            module.train(training)

@@ -20,6 +20,9 @@ from typing import Iterator, Literal, Optional, Protocol, Sequence
 
 import torch
 
+from common.logprobs import cache_argument, repeat_cache_rows, returned_cache
+from common.models import eval_mode
+
 FinishReason = Literal["stop", "length"]
 ENGINE_KINDS = ("hf", "vllm", "server")
 
@@ -289,7 +292,6 @@ class HFGenerateEngine:
     def _shared_prefill(self, model, prompts: list[list[int]], group: int, width: int) -> dict:
         """{cache keyword: cache} holding all but the last token of each prompt, run once per prompt and
         repeated for its `group` rows; generate() then starts from the last prompt token. {} when off."""
-        from common.models import cache_argument, repeat_cache_rows, returned_cache
 
         # A generation config that names a cache implementation (static, hybrid...) makes generate() build
         # its own cache and refuse one passed in.
@@ -334,14 +336,8 @@ class HFGenerateEngine:
                 # the duration, so each process decodes alone; hooks come back on exit.
                 stack.enter_context(deepspeed.zero.unwrap_model_for_generation(self.model))
             model = self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
-            modes = [(module, module.training) for module in model.modules()]
-            model.eval()
-            try:
-                with torch.no_grad():
-                    yield model
-            finally:
-                for module, training in modes:  # per module: some may have been in eval on purpose
-                    module.train(training)
+            with eval_mode(model), torch.no_grad():
+                yield model
 
     @staticmethod
     @contextlib.contextmanager

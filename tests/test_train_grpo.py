@@ -127,23 +127,23 @@ def test_shared_prompt_forward_equals_the_full_forward(tiny_model_dir, lengths):
     import torch
     from transformers import AutoModelForCausalLM
 
-    import train_grpo
+    from common import logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.train()
-    from common.models import cache_argument
+    from common.logprobs import cache_argument
 
     cache_arg = cache_argument(model)
     assert cache_arg in ("cache", "past_key_values")
     rollouts = _rollouts(lengths)
-    batch = train_grpo.rollout_batch(rollouts, pad_token_id=0, mask_truncated=False, share_prompts=True)
+    batch = logprobs.rollout_batch(rollouts, pad_token_id=0, mask_truncated=False, share_prompts=True)
     assert batch["prompt_of_row"].tolist() == [r.prompt_index for r in rollouts]
     mask = batch["completion_mask"]
     weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(1))
 
     def run(arg):
         model.zero_grad()
-        logps = train_grpo.completion_logprobs(model, batch, temperature=0.7, cache_arg=arg)   # [B, C]
+        logps = logprobs.completion_logprobs(model, batch, temperature=0.7, cache_arg=arg)   # [B, C]
         (logps * mask * weights).sum().backward()
         return logps.detach() * mask, {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -157,14 +157,14 @@ def test_shared_prompt_forward_equals_the_full_forward(tiny_model_dir, lengths):
 def test_rollout_batch_maps_rows_to_distinct_prompts_the_same_way_on_every_process():
     """With sharing on, every micro-batch gets the map (identity when nothing repeats) and >= 2 completion
     columns, so every process runs the same forwards (ZeRO-3 / DDP pair collectives by count)."""
-    import train_grpo
+    from common import logprobs
 
-    distinct = train_grpo.rollout_batch(_rollouts([(4, [1]), (5, [1])]), 0, False, share_prompts=True)
+    distinct = logprobs.rollout_batch(_rollouts([(4, [1]), (5, [1])]), 0, False, share_prompts=True)
     assert distinct["prompt_of_row"].tolist() == [0, 1] and distinct["prompt_first_row"].tolist() == [0, 1]
     assert distinct["completion_width"] == 2 and distinct["completion_mask"].tolist() == [[1, 0], [1, 0]]
-    repeated = train_grpo.rollout_batch(_rollouts([(4, [2, 2]), (5, [3])]), 0, False, share_prompts=True)
+    repeated = logprobs.rollout_batch(_rollouts([(4, [2, 2]), (5, [3])]), 0, False, share_prompts=True)
     assert repeated["prompt_of_row"].tolist() == [0, 0, 1] and repeated["prompt_first_row"].tolist() == [0, 2]
-    off = train_grpo.rollout_batch(_rollouts([(4, [1, 1])]), 0, False, share_prompts=False)
+    off = logprobs.rollout_batch(_rollouts([(4, [1, 1])]), 0, False, share_prompts=False)
     assert off["prompt_of_row"] is None and off["completion_width"] == 1
 
 
@@ -188,8 +188,8 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 sys.path.insert(0, ".")
-import train_grpo
-from common.models import cache_argument
+from common import logprobs
+from common.logprobs import cache_argument
 from test_train_grpo import _rollouts
 
 model_dir, out = sys.argv[1], sys.argv[2]
@@ -198,11 +198,11 @@ rank = accelerator.process_index
 load = lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
 reference, model = load(), accelerator.prepare(load())
 rollouts = _rollouts([(6 + rank, [4, 2, 4]), (4, [3, 4, 1])], seed=rank)   # each rank its own rows
-batch = train_grpo.rollout_batch(rollouts, 0, False, share_prompts=True)
+batch = logprobs.rollout_batch(rollouts, 0, False, share_prompts=True)
 cache_arg = cache_argument(accelerator.unwrap_model(model))
-logps = train_grpo.completion_logprobs(model, batch, 1.0, cache_arg)   # two forwards through DDP, one backward
+logps = logprobs.completion_logprobs(model, batch, 1.0, cache_arg)   # two forwards through DDP, one backward
 accelerator.backward((logps * batch["completion_mask"]).sum())
-(train_grpo.completion_logprobs(reference, batch, 1.0) * batch["completion_mask"]).sum().backward()
+(logprobs.completion_logprobs(reference, batch, 1.0) * batch["completion_mask"]).sum().backward()
 worst = 0.0
 for (name, p), q in zip(accelerator.unwrap_model(model).named_parameters(), reference.parameters()):
     expected = accelerator.reduce(q.grad.clone(), "mean")   # what DDP's all-reduce must give
@@ -229,22 +229,22 @@ def test_logprobs_from_the_lm_head_equal_the_logits_path(tiny_model_dir, share, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    import train_grpo
-    from common.models import cache_argument, plain_lm_head
+    from common import logprobs
+    from common.logprobs import cache_argument, plain_lm_head
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=getattr(torch, dtype),
                                                  attn_implementation="sdpa")
     model.train()
     head = plain_lm_head(model)
     assert head is not None and model.config.tie_word_embeddings   # the tied case: two uses of one weight
-    batch = train_grpo.rollout_batch(_rollouts([(9, [5, 3, 5, 1]), (6, [4, 5, 2, 5])]), 0, False, share_prompts=share)
+    batch = logprobs.rollout_batch(_rollouts([(9, [5, 3, 5, 1]), (6, [4, 5, 2, 5])]), 0, False, share_prompts=share)
     cache_arg = cache_argument(model) if share else None
     mask = batch["completion_mask"]
     weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(1))
 
     def run(lm_head):
         model.zero_grad()
-        logps = train_grpo.completion_logprobs(model, batch, 0.7, cache_arg, lm_head)   # [B, C]
+        logps = logprobs.completion_logprobs(model, batch, 0.7, cache_arg, lm_head)   # [B, C]
         assert logps.dtype == torch.float32 and logps.shape == mask.shape
         (logps * mask * weights).sum().backward()
         return logps.detach() * mask, {n: p.grad.float().clone() for n, p in model.named_parameters()}
@@ -255,20 +255,20 @@ def test_logprobs_from_the_lm_head_equal_the_logits_path(tiny_model_dir, share, 
     torch.testing.assert_close(found, expected, **tolerance)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(grads[name], grad, **tolerance, msg=name)
-    assert train_grpo.lm_head_logprobs_agree(model, head, batch, 0.7, cache_arg)
+    assert logprobs.lm_head_logprobs_agree(model, head, batch, 0.7, cache_arg)
 
 
 def test_a_model_that_scales_its_logits_keeps_the_logits_path(tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    import train_grpo
-    from common.models import plain_lm_head
+    from common import logprobs
+    from common.logprobs import plain_lm_head
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    batch = train_grpo.rollout_batch(_rollouts([(5, [3, 3])]), 0, False)
+    batch = logprobs.rollout_batch(_rollouts([(5, [3, 3])]), 0, False)
     model.config.final_logit_softcapping = 30.0   # declared: refused without running anything
-    assert not train_grpo.lm_head_logprobs_agree(model, plain_lm_head(model), batch, 1.0, None)
+    assert not logprobs.lm_head_logprobs_agree(model, plain_lm_head(model), batch, 1.0, None)
     del model.config.final_logit_softcapping
     original = type(model).forward
 
@@ -279,6 +279,6 @@ def test_a_model_that_scales_its_logits_keeps_the_logits_path(tiny_model_dir):
 
     type(model).forward = scaled_forward
     try:
-        assert not train_grpo.lm_head_logprobs_agree(model, plain_lm_head(model), batch, 1.0, None)
+        assert not logprobs.lm_head_logprobs_agree(model, plain_lm_head(model), batch, 1.0, None)
     finally:
         type(model).forward = original
