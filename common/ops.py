@@ -44,6 +44,15 @@ def _logsumexp_and_entropy(scaled: torch.Tensor, want_entropy: bool):
     return lse, entropy
 
 
+def _shaped_outputs(ctx, logps: torch.Tensor, entropy: Optional[torch.Tensor], shape: torch.Size):
+    """An autograd Function's outputs: logps [shape] and, when computed, the entropy [shape] (no gradient)."""
+    if entropy is None:
+        return logps.view(shape)
+    entropy = entropy.view(shape)
+    ctx.mark_non_differentiable(entropy)
+    return logps.view(shape), entropy
+
+
 class _RowChunks:
     """Row ranges over the leading dims of a `[..., V]` tensor without copying it.
 
@@ -89,12 +98,7 @@ class _ChunkedSelectiveLogSoftmax(torch.autograd.Function):
                 entropy[start:end] = chunk_entropy
         ctx.save_for_backward(logits_rows, flat_index, lse_all)
         ctx.temperature, ctx.chunks, ctx.logits_shape = temperature, chunks, logits.shape
-        logps = logps.view(index.shape)
-        if want_entropy:
-            entropy = entropy.view(index.shape)
-            ctx.mark_non_differentiable(entropy)
-            return logps, entropy
-        return logps
+        return _shaped_outputs(ctx, logps, entropy, index.shape)
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy=None):
@@ -172,12 +176,7 @@ class _ChunkedLinearLogSoftmax(torch.autograd.Function):
         # Backward must recompute the logits under the same autocast state as this forward.
         device_type = hidden.device.type
         ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
-        logps = logps.view(index.shape)
-        if want_entropy:
-            entropy = entropy.view(index.shape)
-            ctx.mark_non_differentiable(entropy)
-            return logps, entropy
-        return logps
+        return _shaped_outputs(ctx, logps, entropy, index.shape)
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy=None):
