@@ -24,9 +24,11 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from slurm_cluster import SlurmCluster, missing_commands
 
-pytestmark = pytest.mark.skipif(bool(missing_commands()),
-                                reason=f"SLURM not installed (missing: {', '.join(missing_commands())}); "
-                                       f"`apt-get install -y slurm-wlm munge` (.ci/run does)")
+pytestmark = [
+    pytest.mark.skipif(bool(missing_commands()), reason=f"SLURM not installed (missing: {', '.join(missing_commands())}); "
+                                                        f"`apt-get install -y slurm-wlm munge` (.ci/run does)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the test cluster's slurmd runs as root"),
+]
 
 MAX_STEPS = 80
 SIGNAL_AFTER_STEP = 3
