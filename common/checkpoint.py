@@ -5,7 +5,8 @@ Layout of `output_dir/checkpoint-<step>/`:
   training_state/            accelerate state: optimizer, scheduler, RNG (and DeepSpeed shards)
   trainer_state.json         step, data position, and script-specific counters; written last
 A checkpoint is written to `checkpoint-<step>.tmp` and renamed when complete, so a crash mid-save leaves
-the previous checkpoint intact and no half-written directory under a final name.
+the previous checkpoint intact and no half-written directory under a final name; rotation renames an old
+checkpoint to `checkpoint-<step>.deleting` before deleting it, so no half-deleted one does either.
 """
 from __future__ import annotations
 
@@ -63,9 +64,10 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str, step: int, s
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
+        replaced = _set_aside(final) if final.exists() else None
         os.replace(tmp, final)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         _rotate(root, save_total_limit)
     accelerator.wait_for_everyone()
     return final
@@ -81,13 +83,22 @@ def save_model(accelerator, model, tokenizer, directory: Path) -> None:
             tokenizer.save_pretrained(directory)
 
 
+def _set_aside(path: Path) -> Path:
+    """Rename a checkpoint out of the `checkpoint-<step>` namespace before deleting it, so a kill mid-delete never
+    leaves a half-deleted directory that looks like a checkpoint."""
+    doomed = path.with_name(path.name + ".deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    return doomed
+
+
 def _rotate(root: Path, save_total_limit: Optional[int]) -> None:
-    for stale in root.glob("checkpoint-*.tmp"):
+    for stale in [*root.glob("checkpoint-*.tmp"), *root.glob("checkpoint-*.deleting")]:
         shutil.rmtree(stale, ignore_errors=True)
     if save_total_limit is None or save_total_limit <= 0:
         return
     for old in list_checkpoints(root)[:-save_total_limit]:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(_set_aside(old), ignore_errors=True)
 
 
 def load_checkpoint(accelerator, path: Path) -> dict:
