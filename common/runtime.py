@@ -5,6 +5,7 @@ import datetime
 import logging
 import math
 import os
+import sys
 
 import torch
 
@@ -41,6 +42,7 @@ def make_accelerator(cfg):
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         kwargs_handlers=handlers,
     )
+    _refuse_unsynchronised_processes(accelerator)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         ds = plugin.deepspeed_config
@@ -51,6 +53,21 @@ def make_accelerator(cfg):
         if ds.get("zero_optimization", {}).get("stage") == 3:
             ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # HF-format saves
     return accelerator
+
+
+def _refuse_unsynchronised_processes(accelerator) -> None:
+    """Several processes but no distributed mode would train independent copies into one output_dir. Accelerate
+    does this silently for an FSDP config without CUDA (its FSDP needs GPUs); stop with one clear line instead."""
+    from accelerate.utils import DistributedType
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.distributed_type == DistributedType.NO:
+        wanted = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else "distributed"
+        print(f"error: {world} processes were launched but accelerate set up no {wanted} training on this machine "
+              f"(device {accelerator.device}); accelerate's FSDP needs CUDA GPUs. On CPU use "
+              f"accelerate_configs/cpu_2proc.yaml (DDP over gloo) or a DeepSpeed ZeRO config", file=sys.stderr,
+              flush=True)
+        sys.exit(2)
 
 
 def _skip_deepspeed_shm_build() -> None:
