@@ -34,15 +34,16 @@ shape = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=8, num_
              num_key_value_heads=8, head_dim=128) if gpu else \
         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16)
-torch.manual_seed(0)
 config = Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=True,
                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
                      **shape)
-model = Qwen3ForCausalLM(config)
-model.generation_config.pad_token_id = tokenizer.pad_token_id
-model.generation_config.eos_token_id = tokenizer.eos_token_id
-model.save_pretrained(path)
-tokenizer.save_pretrained(path)
+for seed, where in ((0, path), (1, path + "-teacher")):  # GKD's teacher: the same shape, other weights
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(where)
+    tokenizer.save_pretrained(where)
 print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {path}", file=sys.stderr)
 EOF
 
@@ -98,7 +99,7 @@ run grpo train_grpo.py --config configs/recipe/quickstart_grpo.yaml "model_name_
   "output_dir=$out/runs/grpo" use_vllm=false do_eval=false eval_on_start=false beta=0.04 \
   'reward_funcs=[format]' 'format_pattern=\d.*' "${common[@]}" "${grpo[@]}"
 run gkd train_gkd.py --config configs/recipe/quickstart_gkd.yaml "model_name_or_path=$model" \
-  "teacher_model_name_or_path=$model" "output_dir=$out/runs/gkd" do_eval=false eval_generation_reward=null \
+  "teacher_model_name_or_path=$model-teacher" "output_dir=$out/runs/gkd" do_eval=false eval_generation_reward=null \
   "${common[@]}" "${gkd[@]}"
 
 # ----- summary -------------------------------------------------------------------------------------------------------
