@@ -56,15 +56,17 @@ def make_accelerator(cfg):
 
 
 def _refuse_unsynchronised_processes(accelerator) -> None:
-    """Several processes but no distributed mode would train independent copies into one output_dir. Accelerate
-    does this silently for an FSDP config without CUDA (its FSDP needs GPUs); stop with one clear line instead."""
+    """Accelerate enables FSDP only on GPUs: without CUDA an FSDP launch silently becomes DDP (ACCELERATE_USE_CPU)
+    or independent, unsynchronised processes writing one output_dir. Stop with one clear line instead."""
     from accelerate.utils import DistributedType
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and accelerator.distributed_type == DistributedType.NO:
-        wanted = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else "distributed"
-        print(f"error: {world} processes were launched but accelerate set up no {wanted} training on this machine "
-              f"(device {accelerator.device}); accelerate's FSDP needs CUDA GPUs. On CPU use "
+    kind = accelerator.distributed_type
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if world > 1 and (kind == DistributedType.NO or (wants_fsdp and kind != DistributedType.FSDP)):
+        got = "no distributed training" if kind == DistributedType.NO else f"{kind.value}, not FSDP"
+        print(f"error: {world} processes were launched{' with FSDP' if wants_fsdp else ''} but accelerate set up "
+              f"{got} on this machine (device {accelerator.device}); accelerate's FSDP needs CUDA GPUs. On CPU use "
               f"accelerate_configs/cpu_2proc.yaml (DDP over gloo) or a DeepSpeed ZeRO config", file=sys.stderr,
               flush=True)
         sys.exit(2)

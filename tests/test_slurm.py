@@ -1,10 +1,11 @@
 """slurm/train.sbatch under a real one-node SLURM cluster (munged + slurmctld + slurmd started by the fixture).
 
-Four jobs run side by side, each a real 2-process CPU (gloo) SFT run of the tiny model:
+Five jobs run side by side; the first three are real 2-process CPU (gloo) SFT runs of the tiny model:
   reference  uninterrupted: finishes its steps and is not requeued
   usr1       the time-limit warning: `scancel --signal=USR1 --batch` (the batch shell only)
   term       a cluster-style preemption: `scancel --signal=TERM --full` (every process of the job)
   crash      a run that fails before any checkpoint: not requeued
+  bad_config a config error: the job fails before launching anything
 The preempted jobs must checkpoint at a step boundary, requeue themselves, resume there, and log the same loss
 trajectory as the reference, step for step.
 """
@@ -60,17 +61,18 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def jobs(cluster, tiny_model_dir, tmp_path_factory):
-    """Submit the four jobs, signal and release them as they go, and return what was seen."""
+    """Submit the five jobs, signal and release them as they go, and return what was seen."""
     work = tmp_path_factory.mktemp("jobs")
     env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "VENV": "",
            "ACCELERATE_USE_CPU": "true", "ACCELERATE_CONFIG": "accelerate_configs/cpu_2proc.yaml",
            "PROCS_PER_NODE": "2", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     seen = {}
-    for name in ("reference", "usr1", "term", "crash"):
+    for name in ("reference", "usr1", "term", "crash", "bad_config"):
         out = work / name
-        extra = ["model_name_or_path=" + str(work / "no-such-model")] if name == "crash" else []
+        extra = {"crash": ["model_name_or_path=" + str(work / "no-such-model")],
+                 "bad_config": ["learning_rat=1e-3"]}.get(name, [])
         log = work / f"{name}.log"
-        job_env = {**env, "PROCS_PER_NODE": "1"} if name == "crash" else env
+        job_env = {**env, "PROCS_PER_NODE": "1"} if name in ("crash", "bad_config") else env
         job_id = cluster.submit(f"--job-name={name}", f"--output={log}", "--cpus-per-task=1",
                                 "slurm/train.sbatch", *sft_args(tiny_model_dir, out, *extra), cwd=ROOT, env=job_env)
         seen[name] = {"id": job_id, "out": out, "log": log, "signaled": False, "released": False}
@@ -158,9 +160,20 @@ def test_a_crash_without_progress_is_not_requeued(jobs):
                      r"\(no checkpoint\): not requeuing", lines[-1]), lines
 
 
+def test_a_bad_config_fails_before_launching(jobs):
+    job = jobs["bad_config"]
+    assert job["info"]["JobState"] == "FAILED" and job["info"]["ExitCode"] == "2:0"
+    text = job["log"].read_text()
+    assert "error: " in text and "learning_rat" in text
+    assert sbatch_lines(job["log"])[-1].endswith("config did not resolve (error above): not starting")
+    assert not job["out"].exists()
+
+
 def test_jobs_sharing_a_node_get_different_rendezvous_ports(jobs):
     ports = {}
     for name, job in jobs.items():
+        if name == "bad_config":
+            continue
         match = re.search(r"rendezvous \S+:(\d+)", sbatch_lines(job["log"])[0])
         ports[name] = int(match.group(1))
     assert len(set(ports.values())) == len(ports), ports
