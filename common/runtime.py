@@ -66,7 +66,7 @@ def _refuse_unsynchronised_processes(accelerator) -> None:
     if world > 1 and (kind == DistributedType.NO or (wants_fsdp and kind != DistributedType.FSDP)):
         got = "no distributed training" if kind == DistributedType.NO else f"{kind.value}, not FSDP"
         print(f"error: {world} processes were launched{' with FSDP' if wants_fsdp else ''} but accelerate set up "
-              f"{got} on this machine (device {accelerator.device}); accelerate's FSDP needs CUDA GPUs. On CPU use "
+              f"{got} on this machine (device {accelerator.device.type}); accelerate's FSDP needs CUDA GPUs. On CPU use "
               f"accelerate_configs/cpu_2proc.yaml (DDP over gloo) or a DeepSpeed ZeRO config", file=sys.stderr,
               flush=True)
         sys.exit(2)
