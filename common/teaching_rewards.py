@@ -183,13 +183,12 @@ class RLTReward:
             # the logits at position j - 1 predict token j
             sol_pos = torch.arange(len(student_ids) - len(solution_ids), len(student_ids))
             solution_logps = student[sol_pos - 1, torch.tensor(solution_ids, dtype=torch.long)]               # [S]
-            kl = torch.zeros(0)
-            if teaching_ids:
-                teacher = torch.log_softmax(self.teacher_logits(teacher_ids).float() / self.temperature, dim=-1)
-                t_pos = torch.arange(len(teacher_head), len(teacher_ids)) - 1
-                s_pos = torch.arange(len(head), len(head) + len(teaching_ids)) - 1
-                t, s = teacher[t_pos], student[s_pos]                                                          # [T, V]
-                kl = (t.exp() * (t - s)).sum(-1)                                                               # [T]
+            # the teacher forward runs even for an empty teaching: under ZeRO-3 every process runs the same forwards
+            teacher = torch.log_softmax(self.teacher_logits(teacher_ids).float() / self.temperature, dim=-1)   # [L', V]
+            t_pos = torch.arange(len(teacher_head), len(teacher_ids)) - 1
+            s_pos = torch.arange(len(head), len(head) + len(teaching_ids)) - 1
+            t, s = teacher[t_pos], student[s_pos]                                                              # [T, V]
+            kl = (t.exp() * (t - s)).sum(-1)                                                                   # [T]
         return (reduce(solution_logps, ("mean", "min"), self.answer_coeff),
                 reduce(kl, ("mean", "max"), self.kl_coeff))
 

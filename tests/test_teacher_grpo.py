@@ -229,6 +229,11 @@ def test_rlt_matches_a_hand_computation(tiny_model_dir, tiny_tokenizer):
     assert value == pytest.approx(expected.item(), rel=1e-4, abs=1e-4)
     metrics = reward.pop_metrics()
     assert metrics["rewards/rlt/kl_term"] > 0
+    # an empty teaching has no KL term (and still runs both forwards)
+    empty = item("46", "45", teaching="")
+    empty.prompt, empty.teaching.teacher_text, empty.metadata = teacher_prompt, "<teaching></teaching>", sample.metadata
+    solution_term, kl_term = reward.terms(empty)
+    assert kl_term == 0.0 and solution_term < 0
     # a leaked teaching is capped like every other reward
     sample.teaching.teaching, sample.teaching.leaked = "the answer is 46", None
     sample.teaching.teacher_text = "<teaching>the answer is 46</teaching>"
