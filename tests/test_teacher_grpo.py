@@ -461,3 +461,29 @@ def test_bad_teacher_data_or_student_fails_before_models_load(tiny_model_dir, te
                 "rlt_other_tokenizer": r"the student's tokenizer must be the teacher's"}[case]
     assert re.search(expected, err), err
     assert not out.exists()
+
+
+def test_teacher_rcl_resolves_to_the_spec_and_a_run_stops_before_models_until_the_server_backend_exists(
+        tmp_path, capsys, monkeypatch):
+    import train_grpo
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["--config", "configs/recipe/teacher_rcl.yaml", "vllm_host=127.0.0.1", "vllm_port=8000"]
+    cfg = load_config(train_grpo.Config, argv)
+    assert (cfg.model_name_or_path, cfg.dataset_id_or_path, cfg.train_batch_size, cfg.num_generations) == \
+        ("Qwen/Qwen3-8B", "Arc-Intelligence/Arc-ATLAS-Teach-v0", 128, 8)
+    assert cfg.use_vllm_server and cfg.trainer_log_name == "teacher_grpo_rw_interpretation_teaching"
+    assert (cfg.logging_prob, cfg.student_model, cfg.use_reference_teacher_model, cfg.completion_only_training) == \
+        (0.1, None, False, False)
+    assert cfg.trainer_args.max_probe_tokens == cfg.max_probe_tokens == 500
+    assert cfg.teacher_reward["_target_"] == "common.judges.RIMReward" and cfg.reward_log_name == "interpretation_teaching"
+    for name, text in DEFAULT_TEMPLATES.items():
+        assert getattr(cfg.trainer_args, name) == text
+    with pytest.raises(SystemExit) as printed:
+        load_config(train_grpo.Config, [*argv, "--print-config"])
+    assert printed.value.code == 0 and "max_probe_tokens: 500" in capsys.readouterr().out
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as stopped:
+        train_grpo.main([*argv, f"output_dir={out}"])
+    assert stopped.value.code == 2 and "not available yet" in capsys.readouterr().err
+    assert not out.exists()
