@@ -804,9 +804,10 @@ def make_rim_reward(cfg) -> RIMReward:
     extra = {} if "output_dir" in spec else {"output_dir": getattr(cfg, "output_dir", None)}
     spec = dict(spec)
     # student_model / teacher_model / tokenizer: null -> the run's own (teacher_model: the policy; student_model:
-    # the run's student_model, null meaning the initial policy weights; tokenizer: the policy's tokenizer)
+    # the run's student_model, null meaning the reference = the initial policy weights; tokenizer: the policy's)
     teacher = getattr(cfg, "model_name_or_path", None)
-    run = {"teacher_model": teacher, "student_model": getattr(cfg, "student_model", None) or teacher,
+    student = getattr(cfg, "student_model", None) or getattr(cfg, "ref_model_name_or_path", None) or teacher
+    run = {"teacher_model": teacher, "student_model": student,
            "tokenizer": getattr(cfg, "tokenizer_name_or_path", None) or teacher}
     for key, value in run.items():
         given = spec.get(key)
