@@ -2,16 +2,22 @@
 
 The demo's frozen STUDENT adds 2-digit numbers but drops the carry on every problem whose units digits sum to
 10 or more (95+17 -> "102"), unless it is told to carry. Its three prompts are the recipe's templates:
-- baseline (`{question}` alone): the sum without the units carry;
+- baseline (`{question}` alone, the SFT quickstart's own prompt): the sum without the units carry;
 - diagnostic: its approach, the units-digit sum ("u=12"), which shows whether a carry is due;
 - with teaching: hint "carry" -> adds the carry, even when none is due (so a wrong hint hurts); "check",
-  "think" and the like -> its baseline answer. Stated numbers are not in its data.
+  "think" and the like -> its baseline answer. Stated numbers are not in its data. The question is repeated after
+  the hint: the 0.3M model finds digits by position, and any text before or after the question breaks it.
 The TEACHER starts from a short SFT that writes `<teaching>carry|check|think</teaching>`, or (10 %) states the
 sum ("=112", a leak), at random whatever the problem; GRPO with `teaching_improvement` has to teach it to hint "carry" exactly when the
 approach shows a carry.
 
     python scripts/make_teacher_demo.py data              # writes outputs/teacher_demo/{student,teacher}_sft.jsonl
     python scripts/make_teacher_demo.py check             # held-out behaviour of the two SFT models
+    python scripts/make_teacher_demo.py rule-student -- KEY=VALUE...   # teacher GRPO against the exact rule
+
+`rule-student` serves the rule the student is trained to follow (the SFT targets below, exactly) as an
+OpenAI-compatible model on 127.0.0.1 and runs the teacher recipe against it (`student_model: litellm:...`): the
+teacher's side of the demo measured without the student's SFT error.
 
 Training rows use only problems of the GRPO recipe's training split (the same generator, seed and split as its
 data preset), so the eval rows of the teacher run are new to the student and to the teacher.
@@ -158,10 +164,9 @@ def check(merged: dict, student_path: str, teacher_path: str, samples: int) -> N
     base = generate(student, tokenizer, [fill(templates["student_baseline_template"], question=q)
                                          for q in questions], 6)
     drops = 100 * sum(base[i].strip() == str(dropped(*pairs[i])) for i in range(len(pairs))) / len(pairs)
-    print(f"student baseline: accuracy {accuracy(base):.1f} % (no carry due: {accuracy(base, carry):.1f} % "
-          f"wrong... see below); answers as trained (carry dropped where due): {drops:.1f} %")
-    print(f"  accuracy where no carry is due {accuracy(base, [not c for c in carry]):.1f} %, "
-          f"where one is due {accuracy(base, carry):.1f} %")
+    print(f"student baseline: accuracy {accuracy(base):.1f} % (where no carry is due "
+          f"{accuracy(base, [not c for c in carry]):.1f} %, where one is {accuracy(base, carry):.1f} %); "
+          f"answers as trained (carry dropped where due): {drops:.1f} %")
     diag = generate(student, tokenizer, [fill(templates["student_diagnostic_template"], question=q)
                                          for q in questions], 6)
     print(f"student diagnostic: approach as trained {100 * sum(d.strip() == approach(*p) for d, p in zip(diag, pairs)) / len(pairs):.1f} %"
@@ -192,15 +197,54 @@ def check(merged: dict, student_path: str, teacher_path: str, samples: int) -> N
         print(f"teacher-init hints ({name}): {shares} (e.g. {texts[0]!r})")
 
 
+def rule_reply(templates: dict, content: str) -> str:
+    """The student's SFT target for a filled student prompt (any of its three templates)."""
+    import re
+
+    def pattern(template: str) -> str:
+        text = re.escape(template)
+        text = text.replace(re.escape("{question}"), r"(?P<question>\d+\+\d+=)", 1)
+        text = text.replace(re.escape("{question}"), r"(?P=question)")
+        return "^" + text.replace(re.escape("{teaching}"), r"(?P<teaching>.*)") + "$"
+
+    for key in ("student_with_teaching_template", "student_diagnostic_template", "student_baseline_template"):
+        match = re.match(pattern(templates[key]), content, re.DOTALL)
+        if match:
+            a, b = operands(match.group("question"))
+            if key == "student_diagnostic_template":
+                return approach(a, b)
+            return student_answer(a, b, match.groupdict().get("teaching"))
+    return ""
+
+
+def run_rule_student(merged: dict, recipe: str, overrides: list[str]) -> int:
+    import subprocess
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from openai_stub_server import OpenAIStubServer, StubReply
+
+    templates = merged["trainer_args"]
+
+    def reply(request):
+        messages = request.body.get("messages", [])
+        return StubReply(content=rule_reply(templates, str(messages[-1].get("content", "")) if messages else ""))
+
+    with OpenAIStubServer(reply=reply) as server:
+        command = [sys.executable, str(REPO_ROOT / "train_grpo.py"), "--config", recipe,
+                   "student_model=litellm:openai/rule-student", f"student_api_base={server.base_url}",
+                   "trainer_log_name=quickstart_teacher_rule_student", *overrides]
+        return subprocess.call(command)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["data", "check"])
+    parser.add_argument("mode", choices=["data", "check", "rule-student"])
     parser.add_argument("--recipe", default=RECIPE, help="the teacher GRPO recipe whose templates and data are used")
     parser.add_argument("--output", default="outputs/teacher_demo", help="data directory (mode data)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the hint draws (mode data)")
     parser.add_argument("--student", default="outputs/quickstart_teacher_student")
     parser.add_argument("--teacher", default="outputs/quickstart_teacher_init")
     parser.add_argument("--samples", type=int, default=500, help="held-out problems checked (mode check)")
+    parser.add_argument("overrides", nargs="*", help="rule-student: key=value overrides of the teacher recipe")
     args = parser.parse_args()
     merged = load_recipe(args.recipe)
     missing = [k for k in TEMPLATE_KEYS if k not in merged.get("trainer_args", {})]
@@ -209,6 +253,8 @@ def main() -> None:
         sys.exit(2)
     if args.mode == "data":
         write_data(merged, Path(args.output), args.seed)
+    elif args.mode == "rule-student":
+        sys.exit(run_rule_student(merged, args.recipe, args.overrides))
     else:
         check(merged, args.student, args.teacher, args.samples)
 
