@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from common.config import ConfigError, config_to_dict, fail_fast, load_config, s
 from common.logprobs import completion_logprobs, lm_head_logprobs_agree, rollout_batch
 from common.ops import masked_mean, masked_sum
 from common.rewards import combine_rewards
+from common.teaching import TeacherArgs
 from common.tracking import setup_logging
 
 logger = logging.getLogger("train_grpo")
@@ -107,6 +109,24 @@ class Config(CommonArgs):
     reward_log_name: Optional[str] = None
     teacher_reward: dict = field(default_factory=dict)
     trainer_log_name: str = "grpo"
+    # teacher GRPO (trainer/teacher_grpo.yaml, common/teaching.py): `trainer_args` set makes this a teacher run,
+    # whose rollouts are student -> teacher -> student episodes
+    trainer_args: Optional[TeacherArgs] = None
+    student_model: Optional[str] = None             # null: the initial policy weights; a path / hub id; litellm:<model>
+    student_api_base: Optional[str] = None          # litellm student: an OpenAI-compatible server's base URL
+    student_api_key_env: Optional[str] = None       # litellm student: NAME of the env var holding the key
+    use_reference_teacher_model: bool = False       # rlt: the KL's teacher side from the frozen reference
+    max_probe_tokens: Optional[int] = None          # reward preset's; trainer_args.max_probe_tokens interpolates it
+    # teacher rewards (common/teaching_rewards.py)
+    teaching_partial_credit: float = 0.5
+    teaching_degradation_penalty: float = 0.0
+    teaching_efficiency_bonus: float = 0.0
+    teaching_answer_checker: str = "math_verify"
+    teaching_leak_cap: float = 0.3
+    rlt_temperature: float = 1.0
+    rlt_answer_log_prob_coeff: list[float] = field(default_factory=lambda: [1.0, 0.01])
+    rlt_kl_penalty_coeff: list[float] = field(default_factory=lambda: [3.0, 0.03])
+    rlt_solution_column: str = "solution"
 
     def validate(self) -> None:
         super().validate()
@@ -133,15 +153,14 @@ class Config(CommonArgs):
                               f"{len(self.reward_funcs)} reward_funcs")
         if self.use_vllm_server and (not self.vllm_host or not self.vllm_port):
             raise ConfigError("use_vllm_server=true needs vllm_host and vllm_port")
-        if self.use_vllm_server or self.use_vllm or self.use_ray:
-            raise ConfigError("use_vllm / use_vllm_server / use_ray: the vLLM backends are not available yet; set "
-                              "use_vllm=false use_vllm_server=false to generate with transformers")
         if self.beta < 0:
             raise ConfigError(f"key 'beta' = {self.beta}: expected >= 0")
         if self.beta > 0 and self.sync_ref_model and self.use_peft:
             raise ConfigError("sync_ref_model=true with use_peft=true: the reference is the adapter-free policy "
                               "and cannot be synced; set sync_ref_model=false")
-        if self.beta > 0 and not self.use_peft:
+        self.validate_teacher()
+        from common.teaching import needs_reference_model
+        if (self.beta > 0 or needs_reference_model(self)) and not self.use_peft:
             reference = self.ref_model_name_or_path or self.model_name_or_path
             looks_like_hub_id = reference.count("/") == 1 and not reference.startswith((".", "/"))
             if not Path(reference).exists() and not looks_like_hub_id:
@@ -154,6 +173,47 @@ class Config(CommonArgs):
             raise ConfigError(f"key 'num_iterations' = {self.num_iterations}: expected >= 1")
         if self.loss_type == "dr_grpo" and self.max_completion_length is None:
             raise ConfigError("loss_type=dr_grpo needs max_completion_length")
+
+    def validate_teacher(self) -> None:
+        from common.rewards import TEACHING_REWARDS
+        from common.teaching import check_teacher_args, is_api_student, student_is_reference
+        from common.teaching_rewards import ANSWER_CHECKERS
+        if self.trainer_args is None:
+            asked = [name for name in self.reward_funcs if name in TEACHING_REWARDS]
+            if asked:
+                raise ConfigError(f"key 'reward_funcs' has {asked}, which score teacher episodes: use the teacher "
+                                  f"preset (trainer: teacher_grpo, which sets trainer_args)")
+            if self.student_model is not None:
+                raise ConfigError("key 'student_model' is read only by a teacher run (trainer: teacher_grpo)")
+            return
+        check_teacher_args(self.trainer_args)
+        if self.max_probe_tokens is not None and self.max_probe_tokens != self.trainer_args.max_probe_tokens:
+            raise ConfigError(f"max_probe_tokens = {self.max_probe_tokens} but trainer_args.max_probe_tokens = "
+                              f"{self.trainer_args.max_probe_tokens}: one budget, set max_probe_tokens (the trainer "
+                              f"preset interpolates it)")
+        if self.teaching_answer_checker not in ANSWER_CHECKERS:
+            raise ConfigError(f"key 'teaching_answer_checker' = {self.teaching_answer_checker!r}: expected one of "
+                              f"{', '.join(ANSWER_CHECKERS)}")
+        if self.teaching_degradation_penalty > 0:
+            raise ConfigError(f"key 'teaching_degradation_penalty' = {self.teaching_degradation_penalty}: expected "
+                              f"a value <= 0")
+        if not 0 <= self.teaching_leak_cap <= 1:
+            raise ConfigError(f"key 'teaching_leak_cap' = {self.teaching_leak_cap}: expected a value in [0, 1]")
+        if is_api_student(self.student_model):
+            if "rlt" in self.reward_funcs:
+                raise ConfigError(f"reward 'rlt' needs the student's logprobs, which the API student "
+                                  f"{self.student_model!r} does not give; use a local student_model or another reward")
+            if self.student_api_key_env is not None and not re.fullmatch(r"[A-Za-z_]\w*", self.student_api_key_env):
+                raise ConfigError("key 'student_api_key_env': expected the NAME of an environment variable, never "
+                                  "the key itself")
+        elif self.student_model is not None:
+            looks_like_hub_id = self.student_model.count("/") == 1 and not self.student_model.startswith((".", "/"))
+            if not Path(self.student_model).exists() and not looks_like_hub_id:
+                raise ConfigError(f"key 'student_model' = {self.student_model!r}: no such directory (expected null, "
+                                  f"a local model, a hub id or litellm:<provider/model>)")
+        if student_is_reference(self) and self.sync_ref_model:
+            raise ConfigError("student_model=null (the student is the frozen initial weights) with "
+                              "sync_ref_model=true would update the student; set one of them differently")
 
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -335,6 +395,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from common.rollout import HFGenerateEngine, SamplingParams, truncate_prompts
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
                                 shard)
+    from common.teaching import TeacherRun, format_teacher_table, is_api_student, needs_reference_model
     from common.tracking import Tracker
 
     accelerator = make_accelerator(cfg)
@@ -347,6 +408,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     # ----- data and rewards (before models: bad input fails fast) ----------------------------------------------------
     with fail_fast():
+        if cfg.use_vllm_server or cfg.use_vllm or cfg.use_ray:
+            raise ConfigError("use_vllm / use_vllm_server / use_ray: the vLLM backends are not available yet; set "
+                              "use_vllm=false use_vllm_server=false to generate with transformers")
         resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
         train_examples, eval_examples = load_train_eval(cfg)
         if len(train_examples) < prompts_per_step:
@@ -358,6 +422,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         all_prompt_ids, num_truncated = truncate_prompts(
             [tokenizer(text, add_special_tokens=False).input_ids for text in prompt_texts], cfg.max_prompt_length,
             on_overflow=cfg.prompt_overflow)
+        # >>> teacher run: student checks (loads, tokenizer, rlt's columns) before any model loads
+        teacher = TeacherRun.prepare(cfg, reward_functions, train_examples, tokenizer) if cfg.trainer_args else None
     if num_truncated:
         logger.warning("%d of %d prompts are longer than max_prompt_length=%d tokens: their start is cut off "
                        "(set prompt_overflow=error to stop instead)", num_truncated, len(all_prompt_ids),
@@ -377,9 +443,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ----- models ----------------------------------------------------------------------------------------------------
     model = load_causal_lm(cfg, use_bf16=use_bf16)
     reference = None
-    if cfg.beta != 0 and not cfg.use_peft:
+    if (cfg.beta != 0 or needs_reference_model(cfg)) and not cfg.use_peft:
         reference = load_causal_lm(cfg, cfg.ref_model_name_or_path or cfg.model_name_or_path, use_bf16=use_bf16,
                                    trainable=False)
+    student = None   # >>> teacher run: a student model of its own (frozen, never updated)
+    if teacher is not None and cfg.student_model is not None and not is_api_student(cfg.student_model):
+        student = load_causal_lm(cfg, cfg.student_model, use_bf16=use_bf16, trainable=False)
     optimizer = make_optimizer(cfg, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     # after prepare: DeepSpeed may regroup the parameters, and the schedule must drive the groups it steps
@@ -387,6 +456,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     accelerator.register_for_checkpointing(scheduler)
     if reference is not None:
         reference = prepare_frozen_model(accelerator, reference)
+    if student is not None:
+        student = prepare_frozen_model(accelerator, student)
 
     start_step = 0
     if resume_path is not None:
@@ -403,6 +474,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                               repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_completion_length,
                               num_generations=group)
     logprob_temperature = cfg.temperature if cfg.unbias_log_probabilities and cfg.temperature > 0 else 1.0
+    if teacher is not None:   # >>> teacher run: the student's engine and the episode loop on the loaded models
+        teacher.connect(accelerator, model, reference, student, engine, tokenizer, reward_functions)
 
     # Shared-prompt forwards (share_prompt_prefix): the cache keyword of each model, or None to run rows in full.
     policy_cache_arg = cache_argument(accelerator.unwrap_model(model)) if cfg.share_prompt_prefix else None
@@ -441,6 +514,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                 return completion_logprobs(model, batch, logprob_temperature, train_cache_arg, policy_head)
 
     def evaluate(step: int) -> dict:
+        if teacher is not None:   # >>> teacher run: greedy teacher, greedy student, with and without the teaching
+            result = teacher.loop.evaluate(accelerator, eval_examples[:cfg.eval_max_samples], cfg.max_completion_length,
+                                           batch_size=cfg.per_device_eval_batch_size * 8)
+            tracker.log({"eval/teacher/student_accuracy": result["student_accuracy"],
+                         "eval/teacher/baseline_accuracy": result["baseline_accuracy"],
+                         "eval/num_samples": result["num_scored"]}, step)
+            return result
         result = greedy_eval(accelerator, model, tokenizer, eval_examples, combined_reward, cfg.max_completion_length,
                              cfg.eval_max_samples, batch_size=cfg.per_device_eval_batch_size * 8)
         metrics = {"eval/reward": result["accuracy"], "eval/num_samples": result["num_scored"]}
@@ -463,15 +543,21 @@ def main(argv: Optional[list[str]] = None) -> None:
             prompt_indices = global_batches(len(train_examples), prompts_per_step, cfg.seed, epoch,
                                             cfg.shuffle_generation_inputs)[round_in_epoch]
             local_indices = shard(prompt_indices, rank, world)
-            rollouts = engine.generate([all_prompt_ids[i] for i in local_indices], sampling)  # prompts x G, grouped
+            if teacher is not None:   # >>> teacher run: episodes; the rollouts' prompts are the teacher prompts
+                episodes = teacher.loop.run([train_examples[i] for i in local_indices], sampling, step)
+                rollouts = episodes.rollouts
+            else:
+                rollouts = engine.generate([all_prompt_ids[i] for i in local_indices], sampling)  # prompts x G
             generate_seconds = time.time() - step_start
 
             # ----- reward ----------------------------------------------------------------------------------------
             reward_start = time.time()
             sources = [local_indices[r.prompt_index] for r in rollouts]
             inputs = build_reward_inputs([train_examples[i] for i in sources], [r.completion_text for r in rollouts],
-                                         [prompt_texts[i] for i in sources])
+                                         [prompt_texts[i] for i in sources]) if teacher is None else episodes.inputs
             per_function = score_rollouts(reward_functions, inputs)                       # [N_local, F]
+            if teacher is not None:   # >>> a sample whose student call failed is unscored, never wrong
+                per_function = teacher.mask_failed(per_function, episodes)
             all_per_function = accelerator.gather(per_function.to(accelerator.device)).cpu()   # [N, F]
             all_rewards = weighted_rewards(all_per_function, cfg.reward_weights)         # [N]
             advantages, reward_stats = group_advantages(all_rewards, group, cfg.scale_rewards)
@@ -501,6 +587,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                          float(all_rewards.view(world, -1)[rank][i]), "advantage": float(local_advantages[i])}
                         for i, inp in enumerate(inputs) if picker.random() < cfg.logging_prob]
                 tracker.log_completions(gather_object(rows), step)
+            if teacher is not None:   # >>> teacher metrics and the sampled episodes, whole
+                metrics.update(teacher.step_metrics(accelerator, episodes))
+                local_rewards = all_rewards.view(world, -1)[rank]
+                local_per_function = all_per_function.view(world, -1, len(reward_functions))[rank]
+                teacher.log_episodes(accelerator, episodes, local_rewards.tolist(), local_advantages.tolist(),
+                                     {name: local_per_function[:, f].tolist()
+                                      for f, (name, _) in enumerate(reward_functions)}, step)
 
             # ----- old and reference logprobs, once per generation batch -----------------------------------------
             micro_batches = []
@@ -563,6 +656,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                         "lr": scheduler.get_last_lr()[0], "time/train": time.time() - train_start,
                         "step_seconds": elapsed})
+        if teacher is not None:
+            metrics["time/update"] = metrics["time/train"]
         if cfg.beta != 0:
             metrics["kl"] = totals[1].item() / len(micro_batches)
         if "tokens" in metrics:
@@ -589,7 +684,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         push_final_model(accelerator, cfg.output_dir, cfg.hub_model_id)
     if cfg.do_eval and eval_examples:
         final_eval = evaluate(step)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and teacher is not None:
+            rows = ([("start", start_eval)] if start_eval else []) + [(f"GRPO ({cfg.output_dir})", final_eval)]
+            print(format_teacher_table(rows), flush=True)
+        elif accelerator.is_main_process:
             from common.evaluation import format_accuracy_table
             rows = ([(f"start ({cfg.model_name_or_path})", start_eval)] if start_eval else []) + [
                 (f"GRPO ({cfg.output_dir})", final_eval)]

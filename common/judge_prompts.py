@@ -19,6 +19,7 @@ FIELD_TITLES = {
     "teacher_guidance": "Teacher's guidance",
     "student_trace": "Student's reasoning trace",
     "student_answer": "Student's final answer",
+    "baseline_answer": "Student's answer before the guidance",
 }
 
 REPLY_FORMAT = """\
@@ -48,7 +49,7 @@ You are the ACCURACY judge. Decide whether the student's final answer to the que
 You are the HELPFULNESS judge. Decide how much the teacher's guidance helps this student solve the question on their own.
 - Good guidance responds to the student's plan: it confirms what is right, corrects what is wrong, and points at the next step.
 - It teaches rather than tells: guidance that states the final answer, or that is generic and could be sent to any student, scores low.
-- When the student's answer after the guidance is given, weigh whether the guidance plausibly led to it.
+- When the student's answer after the guidance is given, weigh whether the guidance plausibly led to it; when its answer before the guidance is given too, weigh what changed.
 
 """ + DATA_RULES + """
 
@@ -56,6 +57,7 @@ You are the HELPFULNESS judge. Decide how much the teacher's guidance helps this
 {{ground_truth}}
 {{student_plan}}
 {{teacher_guidance}}
+{{baseline_answer}}
 {{student_answer}}
 
 """ + REPLY_FORMAT,

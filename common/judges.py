@@ -26,6 +26,9 @@ with exponential backoff; a call that fails after the last retry leaves its samp
 Successful replies are cached in SQLite keyed by model, temperature and the full prompt; a step's
 new replies are written in one transaction when the step ends (later calls of the step see them).
 
+Teacher GRPO (`RewardInput.teaching` set, common/teaching.py): question, student_plan <- the student's
+diagnostic approach, teacher_guidance <- the extracted teaching, student_answer <- the student's answer
+with the teaching, baseline_answer <- its answer without, ground_truth. Otherwise,
 GRPO mapping (`RewardInput` -> `Trajectory`), `completion_as` = "guidance" (teacher training):
   question        <- metadata["question"], else the last user message, else the prompt text
   teacher_guidance<- completion
@@ -283,12 +286,18 @@ class Trajectory:
     student_plan: Optional[str] = None
     teacher_guidance: Optional[str] = None
     student_trace: Optional[str] = None
+    baseline_answer: Optional[str] = None    # teacher GRPO: the student's answer without the guidance
 
 
 TRAJECTORY_FIELDS = tuple(f.name for f in dataclasses.fields(Trajectory))
 
 
 def trajectory_from_reward_input(item: RewardInput, completion_as: str = "guidance") -> Trajectory:
+    if item.teaching is not None:   # a teacher-GRPO episode: every field from the trajectory itself
+        episode = item.teaching
+        return Trajectory(question=episode.question, student_plan=episode.approach,
+                          teacher_guidance=episode.teaching, student_answer=episode.answer,
+                          baseline_answer=episode.baseline_answer, ground_truth=item.ground_truth)
     meta = item.metadata or {}
     question = meta.get("question")
     if question is None:
@@ -563,7 +572,8 @@ class RIMReward:
 
     def __init__(self, reward_system: str | os.PathLike | RewardSystemConfig, cache_path: Optional[str] = None,
                  completion_as: str = "guidance", output_dir: Optional[str] = None,
-                 overrides: Optional[list[str]] = None):
+                 overrides: Optional[list[str]] = None, student_model: Optional[str] = None,
+                 teacher_model: Optional[str] = None, tokenizer: Optional[str] = None):
         if isinstance(reward_system, RewardSystemConfig):
             self.config, self.source = reward_system, "<RewardSystemConfig>"
         else:
@@ -572,6 +582,8 @@ class RIMReward:
         if completion_as not in COMPLETION_ROLES:
             raise ValueError(f"teacher_reward.completion_as must be one of {COMPLETION_ROLES}, got {completion_as!r}")
         self.completion_as = completion_as
+        # the models of the run whose samples are judged (make_rim_reward fills them in); kept with the saved config
+        self.run_models = {"student_model": student_model, "teacher_model": teacher_model, "tokenizer": tokenizer}
         key_env = self.config.models.api_key_env
         if key_env and not os.environ.get(key_env):
             raise ValueError(f"{self.source}: models.api_key_env names {key_env!r}, which is not set in the environment")
@@ -774,7 +786,9 @@ class RIMReward:
         output_dir.mkdir(parents=True, exist_ok=True)
         target = output_dir / "reward_system.yaml"
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_text(f"# resolved from {self.source}\n" + yaml.safe_dump(reward_system_dict(self.config), sort_keys=False))
+        run = ", ".join(f"{k}: {v}" for k, v in self.run_models.items() if v is not None)
+        header = f"# resolved from {self.source}\n" + (f"# judging a run with {run}\n" if run else "")
+        tmp.write_text(header + yaml.safe_dump(reward_system_dict(self.config), sort_keys=False))
         tmp.replace(target)
 
 
@@ -788,4 +802,17 @@ def make_rim_reward(cfg) -> RIMReward:
                          "<file>}` in the config (e.g. `defaults: [- reward: interpretation_teaching]`); "
                          f"got teacher_reward={spec!r}")
     extra = {} if "output_dir" in spec else {"output_dir": getattr(cfg, "output_dir", None)}
+    spec = dict(spec)
+    # student_model / teacher_model / tokenizer: null -> the run's own (teacher_model: the policy; student_model:
+    # the run's student_model, null meaning the reference = the initial policy weights; tokenizer: the policy's)
+    teacher = getattr(cfg, "model_name_or_path", None)
+    student = getattr(cfg, "student_model", None) or getattr(cfg, "ref_model_name_or_path", None) or teacher
+    run = {"teacher_model": teacher, "student_model": student,
+           "tokenizer": getattr(cfg, "tokenizer_name_or_path", None) or teacher}
+    for key, value in run.items():
+        given = spec.get(key)
+        if given is not None and value is not None and given != value:
+            raise ValueError(f"key 'teacher_reward.{key}' = {given!r}, but the run's {key} is {value!r}: leave it "
+                             f"null (filled in from the run) or set the run's own key")
+        spec[key] = given if given is not None else value
     return instantiate(spec, key="teacher_reward", **extra)

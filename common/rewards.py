@@ -6,7 +6,8 @@ Registry entries are "module:factory" strings so heavy imports (litellm) happen 
 a factory is called as `factory(cfg)` with the script's Config and returns the function.
 A function object may expose `pop_metrics() -> dict[str, float]` for per-step logging.
 
-Verifiable rewards defined here: "math_verify", "exact_match", "format", "arithmetic".
+Verifiable rewards defined here: "math_verify", "exact_match", "format", "arithmetic"; the teacher
+rewards "teaching_improvement" and "rlt" live in common/teaching_rewards.py, "rim" in common/judges.py.
 `answer_leaked(text, ground_truth)` tells whether a text states the answer (used by the judges'
 anti-gaming cap); `combine_rewards` weights and sums the functions' outputs per sample.
 """
@@ -20,19 +21,42 @@ from typing import Callable, Optional
 
 
 @dataclass
+class TeachingTrajectory:
+    """One teacher sample's episode (teacher GRPO, common/teaching.py): what the rewards may read."""
+    question: str                           # the dataset row's prompt text
+    approach: Optional[str]                 # the student's diagnostic, shared by the group; None: the call failed
+    teaching: str                           # extracted from the teacher's completion
+    teacher_text: str                       # the teacher's whole completion
+    answer: Optional[str]                   # the student's answer with the teaching; None: the call failed
+    baseline_answer: Optional[str]          # the student's answer alone, shared by the group; None: failed
+    teaching_tokens: int = 0                # teaching length in the teacher's tokens
+    missing_teaching_tag: bool = False      # no <teaching> tag: the whole completion is the teaching
+    leaked: Optional[bool] = None           # the teaching states the ground truth (None: not checked yet)
+
+    @property
+    def student_failed(self) -> bool:
+        return self.approach is None or self.answer is None or self.baseline_answer is None
+
+
+@dataclass
 class RewardInput:
     prompt: str                     # prompt as rendered text (chat template applied)
     completion: str                 # sampled completion text
     ground_truth: Optional[str] = None
     messages: list = field(default_factory=list)   # the prompt as chat messages
     metadata: dict = field(default_factory=dict)   # extra dataset columns
+    teaching: Optional[TeachingTrajectory] = None  # teacher GRPO: the whole episode of this sample
 
 
 RewardFunction = Callable[[list[RewardInput]], list[Optional[float]]]
 
 REWARD_REGISTRY: dict[str, str] = {
     "rim": "common.judges:make_rim_reward",
+    "teaching_improvement": "common.teaching_rewards:make_teaching_improvement_reward",
+    "rlt": "common.teaching_rewards:make_rlt_reward",
 }
+# Rewards that read `RewardInput.teaching`: a run asking for one must be a teacher run (trainer_args set).
+TEACHING_REWARDS = ("teaching_improvement", "rlt")
 
 
 def get_reward_factory(name: str):
