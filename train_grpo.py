@@ -143,7 +143,8 @@ class Config(CommonArgs):
             raise ConfigError("use_vllm_server / use_ray: the vLLM server backends are not available yet; set "
                               "use_vllm_server=false use_ray=false (use_vllm=true runs vLLM in the training processes)")
         if self.use_vllm:
-            check_vllm_keys(self, world)
+            from common.vllm_engine import check_vllm_config
+            check_vllm_config(self, world)
         if self.beta < 0:
             raise ConfigError(f"key 'beta' = {self.beta}: expected >= 0")
         if self.beta > 0 and self.sync_ref_model and self.use_peft:
@@ -162,24 +163,6 @@ class Config(CommonArgs):
             raise ConfigError(f"key 'num_iterations' = {self.num_iterations}: expected >= 1")
         if self.loss_type == "dr_grpo" and self.max_completion_length is None:
             raise ConfigError("loss_type=dr_grpo needs max_completion_length")
-
-
-def check_vllm_keys(cfg, world: int) -> None:
-    """use_vllm=true: vLLM importable, a tensor-parallel size that splits the processes, sleep mode only on GPUs."""
-    import importlib.util
-
-    import torch
-    from common.vllm_engine import INSTALL_HINT
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"key 'use_vllm' = true: {INSTALL_HINT}")
-    if cfg.vllm_tensor_parallel_size < 1 or world % cfg.vllm_tensor_parallel_size:
-        raise ConfigError(f"key 'vllm_tensor_parallel_size' = {cfg.vllm_tensor_parallel_size}: expected a divisor "
-                          f"of the {world} processes")
-    if cfg.vllm_enable_sleep_mode and not torch.cuda.is_available():
-        raise ConfigError("key 'vllm_enable_sleep_mode' = true: vLLM's sleep mode needs a GPU (there is none here); "
-                          "set vllm_enable_sleep_mode=false")
-    if cfg.vllm_sync_group_mb <= 0:
-        raise ConfigError(f"key 'vllm_sync_group_mb' = {cfg.vllm_sync_group_mb}: expected > 0")
 
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")

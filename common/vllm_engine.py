@@ -30,6 +30,24 @@ INSTALL_HINT = ("use_vllm=true needs vLLM: `pip install vllm==0.32.0` on GPU mac
                 "with transformers")
 
 
+def check_vllm_config(cfg, world: int) -> None:
+    """use_vllm=true, checked before any model loads: vLLM importable, a tensor-parallel size that splits the
+    processes, sleep mode only on GPUs, a positive sync group size."""
+    import importlib.util
+
+    from common.config import ConfigError
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"key 'use_vllm' = true: {INSTALL_HINT}")
+    if cfg.vllm_tensor_parallel_size < 1 or world % cfg.vllm_tensor_parallel_size:
+        raise ConfigError(f"key 'vllm_tensor_parallel_size' = {cfg.vllm_tensor_parallel_size}: expected a divisor "
+                          f"of the {world} processes")
+    if cfg.vllm_enable_sleep_mode and not torch.cuda.is_available():
+        raise ConfigError("key 'vllm_enable_sleep_mode' = true: vLLM's sleep mode needs a GPU (there is none here); "
+                          "set vllm_enable_sleep_mode=false")
+    if cfg.vllm_sync_group_mb <= 0:
+        raise ConfigError(f"key 'vllm_sync_group_mb' = {cfg.vllm_sync_group_mb}: expected > 0")
+
+
 def import_vllm():
     try:
         import vllm
