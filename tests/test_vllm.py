@@ -243,7 +243,7 @@ TWO_PROCESS_WORKER = textwrap.dedent('''
     from common.rollout import HFGenerateEngine, SamplingParams
     from common.vllm_engine import VLLMEngine
 
-    model_dir, out = sys.argv[2], sys.argv[3]
+    model_dir, out, tensor_parallel = sys.argv[2], sys.argv[3], int(sys.argv[4])
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     if zero3:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -254,7 +254,8 @@ TWO_PROCESS_WORKER = textwrap.dedent('''
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
-    engine = VLLMEngine(model_dir, tokenizer, accelerator, max_model_len=256, seed=0, sync_group_bytes=40_000)
+    engine = VLLMEngine(model_dir, tokenizer, accelerator, max_model_len=256, seed=0, sync_group_bytes=40_000,
+                        tensor_parallel_size=tensor_parallel)
 
     gathers = []
     if zero3:   # count the gathers the sync makes
@@ -292,12 +293,13 @@ TWO_PROCESS_WORKER = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("launcher", ["ddp", "zero3"])
-def test_two_processes_each_engine_holds_the_synced_weights(model_dirs, tmp_path, launcher):
+@pytest.mark.parametrize("launcher,tensor_parallel", [("ddp", 1), ("zero3", 1), ("ddp", 2)])
+def test_two_processes_each_engine_holds_the_synced_weights(model_dirs, tmp_path, launcher, tensor_parallel):
+    """tensor_parallel 1: an engine per process; 2: one engine over both, each process keeping its own prompts."""
     worker = tmp_path / "worker.py"
     worker.write_text(TWO_PROCESS_WORKER)
     out = tmp_path / "report"
-    args = [str(worker), str(ROOT), str(model_dirs["tied"]), str(out)]
+    args = [str(worker), str(ROOT), str(model_dirs["tied"]), str(out), str(tensor_parallel)]
     result = accelerate_launch(args) if launcher == "ddp" else deepspeed_launch(args, zero_stage=3)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
     reports = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
@@ -305,7 +307,10 @@ def test_two_processes_each_engine_holds_the_synced_weights(model_dirs, tmp_path
     for report in reports:
         assert report["equal"], report           # the engine's greedy output is the trained model's
         assert report["versions"] == [1] == [report["version"]]
-    assert reports[0]["sample"] != reports[1]["sample"]   # seed + data-parallel rank
+    if tensor_parallel == 1:
+        assert reports[0]["sample"] != reports[1]["sample"]   # seed + data-parallel rank
+    else:
+        assert reports[0]["sample"] == reports[1]["sample"]   # one data-parallel rank: the same seed
     if launcher == "zero3":
         for report in reports:   # capped groups: several gathers, far fewer than one per parameter
             gathers = report["sync_gathers"]
