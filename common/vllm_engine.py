@@ -242,7 +242,7 @@ def hf_weights(model: torch.nn.Module, accelerator=None, group_bytes: int = 256 
     # (name, parameter, lora module or None), every alias of a tied tensor, in module order; adapter weights skipped
     entries = []
     for name, param in base.named_parameters(remove_duplicate=False):
-        if ".lora_" in name or "lora_magnitude_vector" in name:
+        if ".lora_" in name or "lora_magnitude_vector" in name or ".original_module." in name:
             continue
         owner = adapters.get(name)
         entries.append((name.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."), param, owner))
