@@ -1,7 +1,7 @@
 """Weight sync into an in-process vLLM engine under DeepSpeed ZeRO-3: capped groups vs one gather + one load per
 parameter, in one run, fp32 on CPU, 2 processes (gloo).
 
-    python bench/vllm_sync.py            # relaunches itself under accelerate (ZeRO-3, 2 processes)
+    python bench/vllm_sync.py --processes 2   # relaunches itself under accelerate (ZeRO-3, gloo)
 
 The model is a random Llama with Qwen2.5-0.5B's shapes (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864,
 vocabulary 151936, tied head: 494M parameters), built and saved locally. Ours: `hf_weights` groups of at most
@@ -55,7 +55,7 @@ def worker(model_dir: str, group_mb: float, out: str) -> None:
 
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=2)
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=accelerator.num_processes)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -105,6 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/vllm_sync_bench")
     parser.add_argument("--group-mb", type=float, default=256)
+    parser.add_argument("--processes", type=int, default=2, help="ZeRO-3 processes (each holds an engine: ~8 GB)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     workdir = Path(args.workdir)
@@ -117,11 +118,12 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), VLLM_CPU_KVCACHE_SPACE="1")
     subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "3",
-                    "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", __file__, "--worker",
+                    "--num_processes", str(args.processes), "--num_machines", "1", "--mixed_precision", "no", __file__, "--worker",
                     "--workdir", str(workdir), "--group-mb", str(args.group_mb)], env=env, check=True)
     r = json.loads(out.read_text())
     grouped, baseline = r["grouped"], r["per_parameter"]
-    print(f"{r['parameters'] / 1e6:.0f}M parameters in {r['tensors']} tensors, fp32, ZeRO-3 on 2 CPU processes")
+    print(f"{r['parameters'] / 1e6:.0f}M parameters in {r['tensors']} tensors, fp32, ZeRO-3 on {args.processes} CPU "
+          f"process(es)")
     print(f"capped groups ({args.group_mb:g} MiB): {grouped['groups']} gathers + 1 reload, {grouped['seconds']:.2f} s")
     print(f"per parameter: {baseline['groups']} gathers + {baseline['groups']} reloads, {baseline['seconds']:.2f} s")
     print(f"ratio per-parameter / grouped: {baseline['seconds'] / grouped['seconds']:.2f}x; greedy output equal to "
