@@ -585,7 +585,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 accelerator.backward(loss * scale)
             if measure_diff and batch["engine_logps"] is not None:
                 diff = (logps.detach() - batch["engine_logps"]).abs() * batch["engine_mask"]       # [B, C]
-                diff_stats += torch.stack([diff.sum(), batch["engine_mask"].sum(), diff.max()]).float()
+                diff_stats[:2] += torch.stack([diff.sum(), batch["engine_mask"].sum()]).float()
+                diff_stats[2] = torch.maximum(diff_stats[2], diff.max().float())
             sums += torch.stack([loss.detach() * scale / accum, loss_metrics.get("kl", torch.zeros(())).detach(),
                                  loss_metrics["clip_ratio/low"], loss_metrics["clip_ratio/high"],
                                  loss_metrics["clip_ratio/region"]]).to(sums.device)
