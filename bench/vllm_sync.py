@@ -4,7 +4,7 @@ parameter, in one run, fp32 on CPU, 2 processes (gloo).
     python bench/vllm_sync.py --processes 2   # relaunches itself under accelerate (ZeRO-3, gloo)
 
 The model is a random Llama with Qwen2.5-0.5B's shapes (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864,
-vocabulary 151936, tied head: 494M parameters), built and saved locally. Ours: `hf_weights` groups of at most
+vocabulary 151936, tied head: 494M parameters; `--layers` / `--vocab` shrink it), built and saved locally. Ours: `hf_weights` groups of at most
 `--group-mb` MiB, one coalesced gather per group, one `reload_weights` for the whole model. Baseline (the per-parameter
 way TRL and ATLAS sync): for each parameter, one gather and one `reload_weights` call with that tensor. Both end with
 the engine's greedy output checked against the trained model's.
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_model(path: Path) -> None:
+def build_model(path: Path, layers: int, vocab: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -31,7 +31,7 @@ def build_model(path: Path) -> None:
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
                          num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
@@ -105,21 +105,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/vllm_sync_bench")
     parser.add_argument("--group-mb", type=float, default=256)
-    parser.add_argument("--processes", type=int, default=2, help="ZeRO-3 processes (each holds an engine: ~8 GB)")
+    parser.add_argument("--processes", type=int, default=2, help="ZeRO-3 processes (each holds an engine)")
+    parser.add_argument("--layers", type=int, default=24, help="fewer layers (Qwen2.5-0.5B: 24) fit smaller machines")
+    parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    workdir = Path(args.workdir)
+    workdir = Path(args.workdir) / f"l{args.layers}_v{args.vocab}"
     model_dir, out = workdir / "model", workdir / "result.json"
     if args.worker:
         worker(str(model_dir), args.group_mb, str(out))
         return
     if not (model_dir / "config.json").is_file():
-        build_model(model_dir)
+        build_model(model_dir, args.layers, args.vocab)
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), VLLM_CPU_KVCACHE_SPACE="1")
     subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "3",
                     "--num_processes", str(args.processes), "--num_machines", "1", "--mixed_precision", "no", __file__, "--worker",
-                    "--workdir", str(workdir), "--group-mb", str(args.group_mb)], env=env, check=True)
+                    "--workdir", args.workdir, "--layers", str(args.layers), "--vocab", str(args.vocab),
+                    "--group-mb", str(args.group_mb)], env=env, check=True)
     r = json.loads(out.read_text())
     grouped, baseline = r["grouped"], r["per_parameter"]
     print(f"{r['parameters'] / 1e6:.0f}M parameters in {r['tensors']} tensors, fp32, ZeRO-3 on {args.processes} CPU "
