@@ -46,6 +46,13 @@ def check_vllm_config(cfg, world: int) -> None:
                           "set vllm_enable_sleep_mode=false")
     if cfg.vllm_sync_group_mb <= 0:
         raise ConfigError(f"key 'vllm_sync_group_mb' = {cfg.vllm_sync_group_mb}: expected > 0")
+    device = getattr(cfg, "vllm_device", "auto")
+    if device != "auto":
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"key 'vllm_device' = {device!r}: expected auto (each process's own device) or that "
+                              f"device's name, e.g. cuda:0") from None
 
 
 def import_vllm():
