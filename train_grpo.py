@@ -616,7 +616,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             diff_sum, diff_tokens = accelerator.reduce(diff_stats[:2], reduction="sum").tolist()
             diff_max = accelerator.reduce(diff_stats[2:], reduction="max").item()
             if diff_tokens:
-                metrics.update({"rollout/logprob_diff_mean": diff_sum / diff_tokens, "rollout/logprob_diff_max": diff_max})
+                metrics.update({"rollout/logprob_diff_mean": diff_sum / diff_tokens,
+                                "rollout/logprob_diff_max": diff_max})
         if "tokens" in metrics:
             metrics["tokens_per_second"] = metrics.pop("tokens") / max(elapsed, 1e-9)
         if step % cfg.logging_steps == 0 or step == total_steps:

@@ -4,8 +4,8 @@ parameter, in one run, fp32 on CPU, 2 processes (gloo).
     python bench/vllm_sync.py --processes 2   # relaunches itself under accelerate (ZeRO-3, gloo)
 
 The model is a random Llama with Qwen2.5-0.5B's shapes (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864,
-vocabulary 151936, tied head: 494M parameters; `--layers` / `--vocab` shrink it), built and saved locally. Ours: `hf_weights` groups of at most
-`--group-mb` MiB, one coalesced gather per group, one `reload_weights` for the whole model. Baseline (the per-parameter
+vocabulary 151936, tied head: 494M parameters; `--layers` / `--vocab` shrink it), built and saved locally.
+Ours: `hf_weights` groups of at most `--group-mb` MiB, one coalesced gather per group, one `reload_weights` for the whole model. Baseline (the per-parameter
 way TRL and ATLAS sync): for each parameter, one gather and one `reload_weights` call with that tensor. Both end with
 the engine's greedy output checked against the trained model's.
 """
@@ -55,7 +55,8 @@ def worker(model_dir: str, group_mb: float, out: str) -> None:
 
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=accelerator.num_processes)
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
+              train_batch_size=accelerator.num_processes)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)

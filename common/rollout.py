@@ -404,7 +404,8 @@ def vllm_options(cfg, use_bf16: bool = False) -> dict:
     keys = {"vllm_dtype": "dtype", "vllm_gpu_memory_utilization": "gpu_memory_utilization",
             "vllm_max_model_len": "max_model_len", "enable_prefix_caching": "enable_prefix_caching",
             "enforce_eager": "enforce_eager", "vllm_tensor_parallel_size": "tensor_parallel_size",
-            "vllm_enable_sleep_mode": "enable_sleep_mode", "vllm_device": "device", "seed": "seed"}
+            "vllm_enable_sleep_mode": "enable_sleep_mode", "vllm_device": "device", "seed": "seed",
+            "trust_remote_code": "trust_remote_code"}
     options = {option: getattr(cfg, key) for key, option in keys.items() if hasattr(cfg, key)}
     if hasattr(cfg, "vllm_sync_group_mb"):
         options["sync_group_bytes"] = int(cfg.vllm_sync_group_mb * 2 ** 20)

@@ -63,12 +63,6 @@ def import_vllm():
     return vllm
 
 
-def sleep_mode_available() -> bool:
-    """vLLM's sleep mode frees GPU memory; on CPU it does not exist (`enable_sleep_mode=True` is refused)."""
-    from vllm.platforms import current_platform
-    return current_platform.is_sleep_mode_available()
-
-
 class VLLMEngine:
     """Rollouts from an in-process `vllm.LLM` loaded from `model_path`.
 
@@ -84,7 +78,7 @@ class VLLMEngine:
                  enable_prefix_caching: bool = False, enforce_eager: bool = True, tensor_parallel_size: int = 1,
                  enable_sleep_mode: bool = False, device: str = "auto", seed: int = 0,
                  stop_token_ids: Optional[Sequence[int]] = None, sync_group_bytes: int = 256 * 2 ** 20,
-                 use_bf16: bool = False) -> None:
+                 use_bf16: bool = False, trust_remote_code: bool = False) -> None:
         if stop_token_ids is None:
             if tokenizer.eos_token_id is None:
                 raise ValueError("VLLMEngine: the tokenizer has no eos token; set tokenizer.eos_token or pass "
@@ -124,6 +118,7 @@ class VLLMEngine:
                       max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                       enable_sleep_mode=enable_sleep_mode, seed=seed + self.dp_rank,
+                      trust_remote_code=trust_remote_code,
                       logprobs_mode="processed_logprobs",  # logprobs of the distribution tokens are drawn from
                       skip_tokenizer_init=True)             # token ids in and out; the trainer's tokenizer decodes
         if world > 1:

@@ -182,7 +182,8 @@ def test_lora_sync_equals_the_merged_model_and_leaves_training_weights_alone(eng
     engine.sync_weights(model)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     names = [name for name, _ in hf_weights(model)]
-    assert not any("lora" in n or "base_layer" in n for n in names) and "model.layers.0.self_attn.q_proj.weight" in names
+    assert not any("lora" in n or "base_layer" in n for n in names)
+    assert "model.layers.0.self_attn.q_proj.weight" in names
     merged = model.merge_and_unload()
     expected = HFGenerateEngine(merged, tokenizer).generate(prompts(tokenizer), GREEDY)
     unadapted = HFGenerateEngine(load(model_dirs["tied"]), tokenizer).generate(prompts(tokenizer), GREEDY)
@@ -349,7 +350,8 @@ def test_gkd_on_policy_and_seq_kd_with_vllm(model_dirs, tmp_path):
     out = tmp_path / "gkd"
     result = run_python(["train_gkd.py", "--config", "configs/recipe/quickstart_gkd.yaml",
                          f"model_name_or_path={model_dirs['tied']}", f"teacher_model_name_or_path={model_dirs['tied']}",
-                         f"output_dir={out}", "use_vllm=true", "vllm_max_model_len=256", "make_dataset_fn.num_samples=64",
+                         f"output_dir={out}", "use_vllm=true", "vllm_max_model_len=256",
+                         "make_dataset_fn.num_samples=64",
                          "train_batch_size=8", "per_device_train_batch_size=8", "max_steps=4", "lmbda=0.5",
                          "seq_kd=true", "max_new_tokens=8", "logging_steps=1", "do_eval=false", "save_steps=0",
                          "eval_generation_reward=null"])
