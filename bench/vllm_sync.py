@@ -5,9 +5,9 @@ parameter, in one run, fp32 on CPU, 2 processes (gloo).
 
 The model is a random Llama with Qwen2.5-0.5B's shapes (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864,
 vocabulary 151936, tied head: 494M parameters; `--layers` / `--vocab` shrink it), built and saved locally.
-Ours: `hf_weights` groups of at most `--group-mb` MiB, one coalesced gather per group, one `reload_weights` for the whole model. Baseline (the per-parameter
-way TRL and ATLAS sync): for each parameter, one gather and one `reload_weights` call with that tensor. Both end with
-the engine's greedy output checked against the trained model's.
+Ours: `hf_weights` groups of at most `--group-mb` MiB, one coalesced gather per group, one `reload_weights` for the
+whole model. Baseline (the per-parameter way TRL and ATLAS sync): for each parameter, one gather and one
+`reload_weights` call with that tensor. Both end with the engine's greedy output checked against the trained model's.
 """
 from __future__ import annotations
 
