@@ -206,7 +206,7 @@ def test_student_distils_the_teacher_and_gets_more_accurate(sft_run_dir, tmp_pat
     out = tmp_path / "distil"
     result = run_python(gkd_args(sft_run_dir / "checkpoint-250", sft_run_dir, out, "make_dataset_fn.num_samples=4000",
                                  "max_steps=150", "train_batch_size=64", "per_device_train_batch_size=64",
-                                 "beta=0.5", "lmbda=0.5", "learning_rate=3e-3", "eval_generation_reward=arithmetic",
+                                 "beta=0.5", "lmbda=0.5", "learning_rate=1.5e-3", "eval_generation_reward=arithmetic",
                                  "eval_generation_samples=200", "logging_steps=10", "do_eval=true", "eval_steps=150"),
                         env=ONE_THREAD)
     assert_ok(result)
