@@ -83,6 +83,17 @@ class Config(CommonArgs):
     eval_generation_reward: Optional[str] = None
     eval_generation_samples: int = 256
     eval_max_new_tokens: int = 64
+    # sampling through vLLM in the training processes (common/vllm_engine.py): the student's engine is synced after
+    # every optimizer step, the teacher's (seq_kd) is frozen
+    use_vllm: bool = False
+    vllm_gpu_memory_utilization: float = 0.3         # per engine (student and teacher each have one)
+    vllm_dtype: str = "auto"
+    vllm_max_model_len: Optional[int] = None
+    vllm_tensor_parallel_size: int = 1
+    vllm_enable_sleep_mode: bool = False
+    vllm_sync_group_mb: float = 256
+    enable_prefix_caching: bool = False
+    enforce_eager: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -102,6 +113,10 @@ class Config(CommonArgs):
         if not self.completion_only_training:
             raise ConfigError("key 'completion_only_training' = false: GKD distils on completion tokens only; "
                               "set it to true")
+        if self.use_vllm:
+            from common.config import world_size_from_env
+            from common.vllm_engine import check_vllm_config
+            check_vllm_config(self, world_size_from_env())
         if self.eval_generation_reward:
             from common.rewards import REWARD_REGISTRY
             if self.eval_generation_reward not in REWARD_REGISTRY:
@@ -522,7 +537,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     from common.checkpoint import PreemptionFlag, load_checkpoint, resolve_resume_path, save_checkpoint, save_model
     from common.models import count_parameters, disable_dropout, load_causal_lm, load_tokenizer, prepare_frozen_model
-    from common.rollout import HFGenerateEngine, SamplingParams, truncate_prompts
+    from common.rollout import HFGenerateEngine, SamplingParams, make_engine, truncate_prompts, vllm_options
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
                                 shard, total_optimizer_steps)
     from common.tracking import Tracker
@@ -596,6 +611,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     accum = cfg.gradient_accumulation_steps
     engines = {"student": HFGenerateEngine(model, tokenizer, accelerator, batch_size=cfg.generation_batch_size),
                "teacher": HFGenerateEngine(teacher, tokenizer, accelerator, batch_size=cfg.generation_batch_size)}
+    if cfg.use_vllm:   # an engine per role that samples; the student's holds the training weights (resumed too)
+        roles = {"student": cfg.model_name_or_path if cfg.lmbda > 0 else None,
+                 "teacher": cfg.teacher_model_name_or_path if cfg.seq_kd and cfg.lmbda < 1 else None}
+        engines.update({role: make_engine("vllm", model_path=path, tokenizer=tokenizer, accelerator=accelerator,
+                                          **vllm_options(cfg, use_bf16)) for role, path in roles.items() if path})
+    weights_version = engines["student"].sync_weights(model, version=start_step)
     trace_file = None
     if cfg.activate_debugging_logs:  # per-process record of each micro-step's sequence source
         (Path(cfg.output_dir) / "gkd_trace").mkdir(parents=True, exist_ok=True)
@@ -631,8 +652,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         reward_fn = get_reward_factory(cfg.eval_generation_reward)(cfg)
 
         def greedy_accuracy(which) -> dict:
+            role = engines["teacher" if which is teacher else "student"]
             return greedy_eval(accelerator, which, tokenizer, eval_examples, reward_fn, cfg.eval_max_new_tokens,
-                               cfg.eval_generation_samples)
+                               cfg.eval_generation_samples, engine=None if isinstance(role, HFGenerateEngine) else role)
 
         teacher_result, student_result = greedy_accuracy(teacher), greedy_accuracy(model)
         accuracy_rows += [(f"teacher {cfg.teacher_model_name_or_path}", teacher_result),
@@ -662,6 +684,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                     seed=(cfg.seed + step) * world)
             rollouts = engines[source].generate([prompt_ids[i] for i in local_indices], params)
+            if source == "student" and any(r.weights_version != weights_version for r in rollouts):
+                raise RuntimeError(f"step {step}: student rollouts not sampled with the current weights "
+                                   f"(version {weights_version}): a weight sync was missed")
             rows = [completion_row(r.prompt_ids, r.completion_ids) for r in rollouts]
             finished = sum(r.finish_reason == "stop" for r in rollouts)
             generation_seconds = time.time() - generation_start
@@ -690,6 +715,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        sync_start = time.time()
+        weights_version = engines["student"].sync_weights(model, version=step)
+        sync_seconds = time.time() - sync_start
 
         # ----- log -------------------------------------------------------------------------------
         if step % cfg.logging_steps == 0 or step == total_steps:
@@ -704,7 +732,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                          "stop_ratio": totals[1].item() / max(totals[2].item(), 1),
                          "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                          "lr": scheduler.get_last_lr()[0], "epoch": epoch + batch_in_epoch / steps_per_epoch,
-                         "generation_seconds": generation_seconds, "step_seconds": elapsed}, step)
+                         "generation_seconds": generation_seconds, "step_seconds": elapsed,
+                         "time/weight_sync": sync_seconds, "rollout/weights_version": float(weights_version)}, step)
         if cfg.do_eval and eval_rows and (step % cfg.eval_steps == 0 or step == total_steps):
             tracker.log(evaluate(), step)
 
@@ -736,6 +765,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         tracker.log({"eval/greedy_accuracy": result["accuracy"]}, step)
         if accelerator.is_main_process:
             print(format_accuracy_table(accuracy_rows), flush=True)
+    for engine in engines.values():
+        engine.close()
     tracker.close()
     accelerator.end_training()
 

@@ -17,7 +17,10 @@ Choices this script makes:
   (with `num_iterations == 1` the ratio is exactly 1 and they are not computed at all).
 - Logprobs for the loss come from the training model's own forward (common/logprobs.py); with
   `unbias_log_probabilities` the logits are divided by the sampling temperature (policy and reference alike).
-- Rollouts use transformers `generate` on the policy itself (the vLLM backends are not available yet).
+- Rollouts come from vLLM inside each training process (`use_vllm`, common/vllm_engine.py; weights synced after
+  every optimizer step, each rollout tagged with the step whose weights sampled it) or from transformers `generate`
+  on the policy itself (`use_vllm=false`). `rollout/logprob_diff_*` compare the engine's sampling logprobs with
+  the trainer's own at the same temperature.
 - `share_prompt_prefix`: in each micro-batch every distinct prompt runs through the model once and its KV
   cache serves all of its completions (the G rows of a group repeat the prompt); generation prefills each
   prompt once too. Same logprobs and gradients to float rounding, prompt compute / G. Off for the gradient pass under gradient checkpointing, which drops
@@ -68,7 +71,7 @@ class Config(CommonArgs):
     top_k: Optional[int] = None
     min_p: Optional[float] = None
     repetition_penalty: float = 1.0
-    use_vllm: bool = True                            # spec default; the vLLM backend is not available yet
+    use_vllm: bool = True                            # vLLM in the training processes; false: transformers generate
     vllm_device: str = "auto"
     vllm_gpu_memory_utilization: float = 0.9
     vllm_dtype: str = "auto"
@@ -77,6 +80,9 @@ class Config(CommonArgs):
     ray_tensor_parallelism: int = 1
     enable_prefix_caching: bool = False
     enforce_eager: bool = True
+    vllm_tensor_parallel_size: int = 1               # processes sharing one engine (must divide the process count)
+    vllm_enable_sleep_mode: bool = False             # GPU only: engine memory freed while the trainer updates
+    vllm_sync_group_mb: float = 256                  # ZeRO-3 weight sync: most MiB gathered at once
     use_vllm_server: bool = False
     vllm_host: Optional[str] = None
     vllm_port: Optional[int] = None
@@ -153,6 +159,9 @@ class Config(CommonArgs):
                               f"{len(self.reward_funcs)} reward_funcs")
         if self.use_vllm_server and (not self.vllm_host or not self.vllm_port):
             raise ConfigError("use_vllm_server=true needs vllm_host and vllm_port")
+        if self.use_vllm:
+            from common.vllm_engine import check_vllm_config
+            check_vllm_config(self, world)
         if self.beta < 0:
             raise ConfigError(f"key 'beta' = {self.beta}: expected >= 0")
         if self.beta > 0 and self.sync_ref_model and self.use_peft:
@@ -366,6 +375,18 @@ def score_rollouts(reward_functions: list, inputs: list) -> torch.Tensor:
     return torch.tensor(columns, dtype=torch.float32).T.reshape(len(inputs), len(columns))
 
 
+def engine_logprobs(rollouts: list, width: int, device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The engine's sampling logprobs as [B, C] (zeros past each completion) and their mask, or (None, None)."""
+    if any(r.logprobs is None for r in rollouts):
+        return None, None
+    values = torch.zeros((len(rollouts), width), dtype=torch.float32)   # [B, C]
+    mask = torch.zeros((len(rollouts), width), dtype=torch.float32)     # [B, C]
+    for i, r in enumerate(rollouts):
+        values[i, :len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
+        mask[i, :len(r.logprobs)] = 1.0
+    return values.to(device), mask.to(device)
+
+
 def weighted_rewards(per_function: torch.Tensor, weights: Optional[list[float]]) -> torch.Tensor:
     """[N, F] (NaN = None) -> [N] through `combine_rewards`; NaN where every function returned None."""
     columns = [[None if math.isnan(v) else v for v in column] for column in per_function.T.tolist()]
@@ -392,7 +413,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from common.logprobs import cache_argument, plain_lm_head
     from common.models import load_causal_lm, load_tokenizer, prepare_frozen_model
     from common.rewards import get_reward_factory
-    from common.rollout import HFGenerateEngine, SamplingParams, truncate_prompts
+    from common.rollout import HFGenerateEngine, SamplingParams, make_engine, truncate_prompts, vllm_options
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
                                 shard)
     from common.teaching import TeacherRun, format_teacher_table, is_api_student, needs_reference_model
@@ -408,9 +429,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     # ----- data and rewards (before models: bad input fails fast) ----------------------------------------------------
     with fail_fast():
-        if cfg.use_vllm_server or cfg.use_vllm or cfg.use_ray:
-            raise ConfigError("use_vllm / use_vllm_server / use_ray: the vLLM backends are not available yet; set "
-                              "use_vllm=false use_vllm_server=false to generate with transformers")
+        if cfg.use_vllm_server or cfg.use_ray:   # checked here, not in validate(), so --print-config resolves them
+            raise ConfigError("use_vllm_server / use_ray: the vLLM server backends are not available yet; set "
+                              "use_vllm_server=false use_ray=false (use_vllm=true runs vLLM in the training processes)")
         resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
         train_examples, eval_examples = load_train_eval(cfg)
         if len(train_examples) < prompts_per_step:
@@ -468,8 +489,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         logger.info("resumed from %s at step %d", resume_path, start_step)
     tracker = Tracker(cfg, accelerator.is_main_process, config_to_dict(cfg), total_steps, resume=start_step > 0)
     preemption = PreemptionFlag(cfg.output_dir, accelerator.is_main_process)
-    engine = HFGenerateEngine(model, tokenizer, accelerator=accelerator, batch_size=cfg.generation_batch_size,
-                              share_prompt_prefill=cfg.share_prompt_prefix)
+    if cfg.use_vllm:   # loaded from the policy's path, then synced with the training weights (resumed ones too)
+        engine = make_engine("vllm", model_path=cfg.model_name_or_path, tokenizer=tokenizer, accelerator=accelerator,
+                             **vllm_options(cfg, use_bf16))
+    else:
+        engine = HFGenerateEngine(model, tokenizer, accelerator=accelerator, batch_size=cfg.generation_batch_size,
+                                  share_prompt_prefill=cfg.share_prompt_prefix)
+    weights_version = engine.sync_weights(model, version=start_step)   # = the optimizer step of the weights
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
                               repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_completion_length,
                               num_generations=group)
@@ -522,7 +548,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                          "eval/num_samples": result["num_scored"]}, step)
             return result
         result = greedy_eval(accelerator, model, tokenizer, eval_examples, combined_reward, cfg.max_completion_length,
-                             cfg.eval_max_samples, batch_size=cfg.per_device_eval_batch_size * 8)
+                             cfg.eval_max_samples, batch_size=cfg.per_device_eval_batch_size * 8,
+                             engine=engine if cfg.use_vllm else None)
         metrics = {"eval/reward": result["accuracy"], "eval/num_samples": result["num_scored"]}
         tracker.log(metrics, step)
         return result
@@ -532,6 +559,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ----- train -----------------------------------------------------------------------------------------------------
     model.train()
     micro_batches: list[dict] = []
+    fresh_rollouts = False
     step = start_step
     for step in range(start_step + 1, total_steps + 1):
         step_start = time.time()
@@ -549,6 +577,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             else:
                 rollouts = engine.generate([all_prompt_ids[i] for i in local_indices], sampling)  # prompts x G
             generate_seconds = time.time() - step_start
+            stale = sorted({r.weights_version for r in rollouts} - {weights_version})
+            if stale:
+                raise RuntimeError(f"step {step}: rollouts sampled with weights version(s) {stale}, the policy's is "
+                                   f"{weights_version} (a weight sync was missed)")
+            fresh_rollouts = True   # sampled by the weights the first update of this batch starts from
 
             # ----- reward ----------------------------------------------------------------------------------------
             reward_start = time.time()
@@ -579,7 +612,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             metrics.update({"completions/mean_length": all_lengths.mean().item(),
                             "completions/max_length": all_lengths.max().item(),
                             "completions/truncated_frac": all_truncated.mean().item(),
-                            "time/generate": generate_seconds, "time/reward": reward_seconds})
+                            "time/generate": generate_seconds, "time/reward": reward_seconds,
+                            "rollout/weights_version": float(weights_version),
+                            "rollout/tokens_per_second": all_lengths.sum().item() / max(generate_seconds, 1e-9)})
             if cfg.log_completions:
                 picker = random.Random(cfg.seed * 1_000_003 + step)
                 rows = [{"prompt": inp.prompt, "completion": inp.completion, "ground_truth": inp.ground_truth,
@@ -603,6 +638,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                                       share_prompts=cfg.share_prompt_prefix)
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 batch["advantages"] = local_advantages[start: start + len(chunk)].to(accelerator.device)
+                batch["engine_logps"], batch["engine_mask"] = engine_logprobs(chunk, batch["completion_width"],
+                                                                              accelerator.device)
                 if not heads_checked:
                     policy_head = verified_head(model, policy_head, batch, train_cache_arg, "policy")
                     if reference is not None and cfg.beta != 0:
@@ -628,6 +665,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         # dapo divides by the step's global token count: undo accelerate's 1/accum and DDP's 1/world
         scale = accum * world if cfg.loss_type == "dapo" else 1.0
         sums = torch.zeros(5, device=accelerator.device)  # loss, kl, clip low, clip high, clip region
+        diff_stats = torch.zeros(3, device=accelerator.device)  # |engine - trainer| logprob sum, tokens, max
+        measure_diff = fresh_rollouts and sampling.temperature == logprob_temperature
+        fresh_rollouts = False
         for batch in micro_batches:
             with accelerator.accumulate(model):
                 logps = completion_logprobs(model, batch, logprob_temperature, train_cache_arg, policy_head)  # [B, C]
@@ -636,6 +676,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                     loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                     beta=cfg.beta, max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items)
                 accelerator.backward(loss * scale)
+            if measure_diff and batch["engine_logps"] is not None:
+                diff = (logps.detach() - batch["engine_logps"]).abs() * batch["engine_mask"]       # [B, C]
+                diff_stats[:2] += torch.stack([diff.sum(), batch["engine_mask"].sum()]).float()
+                diff_stats[2] = torch.maximum(diff_stats[2], diff.max().float())
             sums += torch.stack([loss.detach() * scale / accum, loss_metrics.get("kl", torch.zeros(())).detach(),
                                  loss_metrics["clip_ratio/low"], loss_metrics["clip_ratio/high"],
                                  loss_metrics["clip_ratio/region"]]).to(sums.device)
@@ -643,6 +687,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        sync_start = time.time()
+        weights_version = engine.sync_weights(model, version=step)   # the next rollouts sample these weights
+        metrics["time/weight_sync"] = time.time() - sync_start
         if reference is not None and cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
             sync_reference(accelerator, model, reference, cfg.ref_model_mixup_alpha)
 
@@ -660,6 +707,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             metrics["time/update"] = metrics["time/train"]
         if cfg.beta != 0:
             metrics["kl"] = totals[1].item() / len(micro_batches)
+        if measure_diff:
+            diff_sum, diff_tokens = accelerator.reduce(diff_stats[:2], reduction="sum").tolist()
+            diff_max = accelerator.reduce(diff_stats[2:], reduction="max").item()
+            if diff_tokens:
+                metrics.update({"rollout/logprob_diff_mean": diff_sum / diff_tokens,
+                                "rollout/logprob_diff_max": diff_max})
         if "tokens" in metrics:
             metrics["tokens_per_second"] = metrics.pop("tokens") / max(elapsed, 1e-9)
         if step % cfg.logging_steps == 0 or step == total_steps:
@@ -692,6 +745,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             rows = ([(f"start ({cfg.model_name_or_path})", start_eval)] if start_eval else []) + [
                 (f"GRPO ({cfg.output_dir})", final_eval)]
             print(format_accuracy_table(rows), flush=True)
+    engine.close()
     tracker.close()
     accelerator.end_training()
 

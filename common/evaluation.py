@@ -13,9 +13,10 @@ def build_reward_inputs(examples: list[Example], completions: list[str], prompts
 
 
 def greedy_eval(accelerator, model, tokenizer, examples: list[Example], reward_fn: RewardFunction,
-                max_new_tokens: int, max_samples: Optional[int] = None, batch_size: int = 64) -> dict:
+                max_new_tokens: int, max_samples: Optional[int] = None, batch_size: int = 64, engine=None) -> dict:
     """Mean reward of greedy completions (for 0/1 rewards: accuracy). Every rank takes a shard; all ranks must
-    call it together. `reward_fn` is a reward function (see common/rewards.py).
+    call it together. `reward_fn` is a reward function (see common/rewards.py). `engine` (a rollout engine holding
+    `model`'s weights, e.g. the vLLM one) samples instead of transformers generate on `model`.
 
     Returns {"accuracy", "num_samples", "num_scored", "examples": first few rows}.
     """
@@ -27,7 +28,8 @@ def greedy_eval(accelerator, model, tokenizer, examples: list[Example], reward_f
     local = examples[accelerator.process_index::accelerator.num_processes]
     prompts = [render_prompt(tokenizer, e.prompt) for e in local]
     prompt_ids = [encode_prompt(tokenizer, e.prompt) for e in local]
-    engine = HFGenerateEngine(model, tokenizer, accelerator=accelerator, batch_size=batch_size)
+    if engine is None:
+        engine = HFGenerateEngine(model, tokenizer, accelerator=accelerator, batch_size=batch_size)
     rollouts = engine.generate(prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
     completions = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
     scores = reward_fn(build_reward_inputs(local, completions, prompts)) if local else []

@@ -5,8 +5,12 @@ all `num_generations` samples of prompt 0, then those of prompt 1, and so on.
 
 Backends (`make_engine(kind)`):
   hf      transformers `generate` on the training model itself (`HFGenerateEngine`, below)
-  vllm    vLLM in the training process            -- not available yet
-  server  external vLLM / rollout server over HTTP -- not available yet
+  vllm    vLLM's `LLM` in the training processes (`common.vllm_engine.VLLMEngine`, imported only when chosen)
+  server  external vLLM server over HTTP -- not available yet
+
+An engine is either the policy's (synced after every optimizer step: `sync_weights`) or a frozen sampler built
+from a model path and never synced (the teacher-GRPO student, GKD's teacher with seq_kd); the backend of each
+is a config choice. Every rollout carries the weights version it was sampled with.
 
 Each rollout carries the log-probability of every sampled token under the distribution it was drawn
 from (after repetition penalty, temperature, top-k, top-p, min-p), so a trainer can compare it with
@@ -77,6 +81,7 @@ class Rollout:
     prompt_index: int                  # index into the prompt list given to generate()
     generation_index: int              # 0 .. num_generations - 1
     completion_text: Optional[str] = None  # decoded completion, special tokens removed
+    weights_version: int = 0               # the engine's weights when sampled (the policy's: the optimizer step)
 
 
 class RolloutEngine(Protocol):
@@ -84,8 +89,13 @@ class RolloutEngine(Protocol):
         """Return len(prompt_ids) * params.num_generations rollouts, prompt-major."""
         ...
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Make the next generate() sample from `model`'s current weights."""
+    def sync_weights(self, model: torch.nn.Module, version: Optional[int] = None) -> int:
+        """Make the next generate() sample from `model`'s current weights, tagged `version` (default: the
+        previous version + 1); returns the version."""
+        ...
+
+    def close(self) -> None:
+        """Free the engine (after the run's last collective)."""
         ...
 
 
@@ -230,10 +240,16 @@ class HFGenerateEngine:
         self.batch_size = batch_size
         self.stop_token_ids = list(stop_token_ids)
         self.share_prompt_prefill = share_prompt_prefill
+        self.weights_version = 0
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
+    def sync_weights(self, model: torch.nn.Module, version: Optional[int] = None) -> int:
         # generate() runs on the training model itself, so its weights are always current.
         self.model = model
+        self.weights_version = self.weights_version + 1 if version is None else version
+        return self.weights_version
+
+    def close(self) -> None:
+        pass
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Rollout]:
         if any(len(p) == 0 for p in prompt_ids):
@@ -286,6 +302,7 @@ class HFGenerateEngine:
                 finish_reason=finish_reason, prompt_index=first_index + row // params.num_generations,
                 generation_index=row % params.num_generations,
                 completion_text=self.tokenizer.decode(completion, skip_special_tokens=True),
+                weights_version=self.weights_version,
             ))
         return rollouts
 
@@ -363,13 +380,34 @@ def engine_kind(use_vllm: bool, use_vllm_server: bool) -> str:
 
 
 def make_engine(kind: str, **kwargs) -> RolloutEngine:
-    """Build a rollout engine: "hf" -> HFGenerateEngine(**kwargs); "vllm" / "server" are not available yet."""
+    """Build a rollout engine.
+
+    "hf"   -> HFGenerateEngine(model=, tokenizer=, accelerator=, ...): generate() on that model.
+    "vllm" -> VLLMEngine(model_path=, tokenizer=, accelerator=, ...) (common/vllm_engine.py): an engine loaded
+              from `model_path`; the policy's is then synced with sync_weights(model) after every optimizer
+              step, a frozen sampler's never. `vllm_options(cfg)` turns a script config into its keywords.
+    "server" is not available yet.
+    """
     if kind == "hf":
         return HFGenerateEngine(**kwargs)
     if kind == "vllm":
-        raise NotImplementedError("the vLLM backend is not available yet; set use_vllm=false to generate "
-                                  "with transformers (HFGenerateEngine)")
+        from common.vllm_engine import VLLMEngine
+        return VLLMEngine(**kwargs)
     if kind == "server":
         raise NotImplementedError("the external vLLM server backend is not available yet; set "
                                   "use_vllm_server=false and use_vllm=false to generate with transformers")
     raise ValueError(f"unknown rollout engine kind {kind!r}; expected one of {', '.join(ENGINE_KINDS)}")
+
+
+def vllm_options(cfg, use_bf16: bool = False) -> dict:
+    """The VLLMEngine keywords a script config sets (keys absent from the config keep the engine's defaults)."""
+    keys = {"vllm_dtype": "dtype", "vllm_gpu_memory_utilization": "gpu_memory_utilization",
+            "vllm_max_model_len": "max_model_len", "enable_prefix_caching": "enable_prefix_caching",
+            "enforce_eager": "enforce_eager", "vllm_tensor_parallel_size": "tensor_parallel_size",
+            "vllm_enable_sleep_mode": "enable_sleep_mode", "vllm_device": "device", "seed": "seed",
+            "trust_remote_code": "trust_remote_code"}
+    options = {option: getattr(cfg, key) for key, option in keys.items() if hasattr(cfg, key)}
+    if hasattr(cfg, "vllm_sync_group_mb"):
+        options["sync_group_bytes"] = int(cfg.vllm_sync_group_mb * 2 ** 20)
+    options["use_bf16"] = use_bf16
+    return options

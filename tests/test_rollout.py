@@ -243,8 +243,6 @@ def test_sampling_params_reject_bad_values():
 
 def test_make_engine_builds_hf_and_refuses_unavailable_backends(model, tokenizer):
     assert isinstance(make_engine("hf", model=model, tokenizer=tokenizer), HFGenerateEngine)
-    with pytest.raises(NotImplementedError, match="use_vllm=false"):
-        make_engine("vllm", model=model, tokenizer=tokenizer)
     with pytest.raises(NotImplementedError, match="use_vllm_server=false"):
         make_engine("server", model=model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="hf, vllm, server"):

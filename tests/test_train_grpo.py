@@ -79,7 +79,9 @@ def test_grpo_two_processes_with_reference_and_dapo(tiny_model_dir, tmp_path):
     (["reward_funcs=[acuracy]"], r"unknown \['acuracy'\]; available: .*arithmetic"),
     (["num_generations=1"], "needs >= 2 completions"),
     (["num_generations=5"], "does not divide train_batch_size"),
-    (["use_vllm=true"], "not available yet"),
+    (["use_vllm_server=true", "vllm_host=localhost", "vllm_port=8000"], "not available yet"),
+    (["use_ray=true"], "not available yet"),
+    (["use_vllm=true", "vllm_tensor_parallel_size=3"], "vllm_tensor_parallel_size' = 3: expected a divisor"),
     (["beta=0.1", "ref_model_name_or_path=./no/such/ref"], "needs a reference model"),
     (["max_prompt_length=4", "prompt_overflow=error"], "exceed max_prompt_length=4"),
 ])
