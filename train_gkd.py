@@ -519,7 +519,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ----- setup -----------------------------------------------------------------------------
     from accelerate.utils import set_seed
 
-    from common.checkpoint import PreemptionFlag, load_checkpoint, resolve_resume_path, save_checkpoint, save_model
+    from common.checkpoint import PreemptionFlag, load_checkpoint, resolve_resume_path, save_model
+    from common.loop import (SKIPPED, NonFiniteCounter, checkpoint_or_stop, ensure_finite_weights, finite_sampling,
+                             optimizer_step, step_metrics)
     from common.models import count_parameters, disable_dropout, load_causal_lm, load_tokenizer, prepare_frozen_model
     from common.rollout import HFGenerateEngine, SamplingParams, truncate_prompts
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
@@ -593,6 +595,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     tracker = Tracker(cfg, accelerator.is_main_process, config_to_dict(cfg), total_steps, resume=start_step > 0)
     preemption = PreemptionFlag(cfg.output_dir, accelerator.is_main_process)
     accum = cfg.gradient_accumulation_steps
+    nonfinite = NonFiniteCounter(cfg.max_consecutive_nonfinite)
     engines = {"student": HFGenerateEngine(model, tokenizer, accelerator, batch_size=cfg.generation_batch_size),
                "teacher": HFGenerateEngine(teacher, tokenizer, accelerator, batch_size=cfg.generation_batch_size)}
     trace_file = None
@@ -660,7 +663,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             # seeded per (step, process): reproducible and resumable, and the global RNG is left alone
             params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                     seed=(cfg.seed + step) * world)
-            rollouts = engines[source].generate([prompt_ids[i] for i in local_indices], params)
+            with finite_sampling(accelerator, step, model):
+                rollouts = engines[source].generate([prompt_ids[i] for i in local_indices], params)
             rows = [completion_row(r.prompt_ids, r.completion_ids) for r in rollouts]
             finished = sum(r.finish_reason == "stop" for r in rollouts)
             generation_seconds = time.time() - generation_start
@@ -685,13 +689,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                                              "completion_tokens": tokens}) + "\n")
         if trace_file is not None:
             trace_file.flush()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step_loss, nonfinite,
+                                   step)
 
         # ----- log -------------------------------------------------------------------------------
-        if step % cfg.logging_steps == 0 or step == total_steps:
+        if step % cfg.logging_steps == 0 or step == total_steps or grad_norm == SKIPPED:
             totals = accelerator.reduce(torch.stack([step_loss, torch.tensor(float(finished), device=step_loss.device),
                                                      torch.tensor(float(len(rows)), device=step_loss.device)]), "sum")
             elapsed = time.time() - step_start
@@ -701,19 +703,15 @@ def main(argv: Optional[list[str]] = None) -> None:
                          "seq_kd_share": source_counts["teacher"] / (step - start_step),
                          "completion_length": global_tokens.item() / max(totals[2].item(), 1),
                          "stop_ratio": totals[1].item() / max(totals[2].item(), 1),
-                         "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                         **step_metrics(grad_norm, nonfinite),
                          "lr": scheduler.get_last_lr()[0], "epoch": epoch + batch_in_epoch / steps_per_epoch,
                          "generation_seconds": generation_seconds, "step_seconds": elapsed}, step)
         if cfg.do_eval and eval_rows and (step % cfg.eval_steps == 0 or step == total_steps):
             tracker.log(evaluate(), step)
 
         # ----- checkpoint --------------------------------------------------------------------------
-        stop = preemption.should_stop(accelerator)
-        if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or stop:
-            save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step,
-                            {"epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}, cfg.save_total_limit)
-        if stop:
-            logger.warning("preemption signal received: saved checkpoint-%d and stopping", step)
+        if checkpoint_or_stop(accelerator, preemption, model, tokenizer, cfg, step,
+                              {"epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}):
             if trace_file is not None:
                 trace_file.close()
             tracker.close()
@@ -722,6 +720,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ----- final save and eval -----------------------------------------------------------------
     if trace_file is not None:
         trace_file.close()
+    ensure_finite_weights(accelerator, step, model)
     save_model(accelerator, model, tokenizer, Path(cfg.output_dir))
     if accelerator.is_main_process:
         logger.info("saved final model to %s", cfg.output_dir)

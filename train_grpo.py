@@ -325,8 +325,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ----- setup -----------------------------------------------------------------------------------------------------
     from accelerate.utils import gather_object, set_seed
 
-    from common.checkpoint import (PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path,
-                                   save_checkpoint, save_model)
+    from common.checkpoint import PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path, save_model
+    from common.loop import (SKIPPED, NonFiniteCounter, checkpoint_or_stop, ensure_finite_weights, finite_sampling,
+                             optimizer_step, step_metrics)
     from common.data import load_train_eval, render_prompt
     from common.evaluation import build_reward_inputs, greedy_eval
     from common.logprobs import cache_argument, plain_lm_head
@@ -397,6 +398,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         logger.info("resumed from %s at step %d", resume_path, start_step)
     tracker = Tracker(cfg, accelerator.is_main_process, config_to_dict(cfg), total_steps, resume=start_step > 0)
     preemption = PreemptionFlag(cfg.output_dir, accelerator.is_main_process)
+    nonfinite = NonFiniteCounter(cfg.max_consecutive_nonfinite)
     engine = HFGenerateEngine(model, tokenizer, accelerator=accelerator, batch_size=cfg.generation_batch_size,
                               share_prompt_prefill=cfg.share_prompt_prefix)
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
@@ -463,7 +465,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             prompt_indices = global_batches(len(train_examples), prompts_per_step, cfg.seed, epoch,
                                             cfg.shuffle_generation_inputs)[round_in_epoch]
             local_indices = shard(prompt_indices, rank, world)
-            rollouts = engine.generate([all_prompt_ids[i] for i in local_indices], sampling)  # prompts x G, grouped
+            with finite_sampling(accelerator, step, model):
+                rollouts = engine.generate([all_prompt_ids[i] for i in local_indices], sampling)  # prompts x G, grouped
             generate_seconds = time.time() - step_start
 
             # ----- reward ----------------------------------------------------------------------------------------
@@ -546,10 +549,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             sums += torch.stack([loss.detach() * scale / accum, loss_metrics.get("kl", torch.zeros(())).detach(),
                                  loss_metrics["clip_ratio/low"], loss_metrics["clip_ratio/high"],
                                  loss_metrics["clip_ratio/region"]]).to(sums.device)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, sums[0], nonfinite, step)
         if reference is not None and cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
             sync_reference(accelerator, model, reference, cfg.ref_model_mixup_alpha)
 
@@ -560,30 +560,27 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "clip_ratio/low": totals[2].item() / len(micro_batches),
                         "clip_ratio/high": totals[3].item() / len(micro_batches),
                         "clip_ratio/region": totals[4].item() / len(micro_batches),
-                        "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                        **step_metrics(grad_norm, nonfinite),
                         "lr": scheduler.get_last_lr()[0], "time/train": time.time() - train_start,
                         "step_seconds": elapsed})
         if cfg.beta != 0:
             metrics["kl"] = totals[1].item() / len(micro_batches)
         if "tokens" in metrics:
             metrics["tokens_per_second"] = metrics.pop("tokens") / max(elapsed, 1e-9)
-        if step % cfg.logging_steps == 0 or step == total_steps:
+        if step % cfg.logging_steps == 0 or step == total_steps or grad_norm == SKIPPED:
             tracker.log(metrics, step)
         if cfg.do_eval and eval_examples and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step != total_steps:
             evaluate(step)
 
         # ----- checkpoint ------------------------------------------------------------------------------------------
-        stop = preemption.should_stop(accelerator)
-        if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or stop:
-            extra = {"ref_model": reference} if reference is not None and cfg.sync_ref_model else None
-            save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step,
-                            {"generation_round": step // cfg.num_iterations}, cfg.save_total_limit, extra_models=extra)
-        if stop:
-            logger.warning("preemption signal received: saved checkpoint-%d and stopping", step)
+        extra = {"ref_model": reference} if reference is not None and cfg.sync_ref_model else None
+        if checkpoint_or_stop(accelerator, preemption, model, tokenizer, cfg, step,
+                              {"generation_round": step // cfg.num_iterations}, extra_models=extra):
             tracker.close()
             return
 
     # ----- final save and eval ---------------------------------------------------------------------------------------
+    ensure_finite_weights(accelerator, step, model)
     save_model(accelerator, model, tokenizer, Path(cfg.output_dir))
     if cfg.push_to_hub:
         push_final_model(accelerator, cfg.output_dir, cfg.hub_model_id)

@@ -15,7 +15,6 @@ Launch:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +93,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ----- setup -----------------------------------------------------------------------------------------------------
     from accelerate.utils import set_seed
 
-    from common.checkpoint import (PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path,
-                                   save_checkpoint, save_model)
+    from common.checkpoint import PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path, save_model
+    from common.loop import (SKIPPED, NonFiniteCounter, checkpoint_or_stop, ensure_finite_weights, optimizer_step,
+                             step_metrics)
     from common.models import count_parameters, load_causal_lm, load_tokenizer
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
                                 shard, total_optimizer_steps)
@@ -143,6 +143,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     tracker = Tracker(cfg, accelerator.is_main_process, config_to_dict(cfg), total_steps, resume=start_step > 0)
     preemption = PreemptionFlag(cfg.output_dir, accelerator.is_main_process)
     accum = cfg.gradient_accumulation_steps
+    nonfinite = NonFiniteCounter(cfg.max_consecutive_nonfinite)
 
     def evaluate() -> dict:
         model.eval()
@@ -188,19 +189,17 @@ def main(argv: Optional[list[str]] = None) -> None:
                 accelerator.backward(loss)
             step_nll += nll_sum.detach()
             step_correct += num_correct
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step_nll, nonfinite,
+                                   step)
 
         # ----- log -------------------------------------------------------------------------------------------------
-        if step % cfg.logging_steps == 0 or step == total_steps:
+        if step % cfg.logging_steps == 0 or step == total_steps or grad_norm == SKIPPED:
             totals = accelerator.reduce(torch.stack([step_nll, step_correct]), reduction="sum")
             global_input = accelerator.reduce(torch.tensor(float(input_tokens), device=accelerator.device), "sum")
             elapsed = time.time() - step_start
             tracker.log({"loss": (totals[0] / global_tokens.clamp(min=1)).item(),
                          "token_accuracy": (totals[1] / global_tokens.clamp(min=1)).item(),
-                         "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                         **step_metrics(grad_norm, nonfinite),
                          "lr": scheduler.get_last_lr()[0], "epoch": epoch + batch_in_epoch / steps_per_epoch,
                          "tokens_per_second": global_input.item() / max(elapsed, 1e-9),
                          "step_seconds": elapsed}, step)
@@ -208,16 +207,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             tracker.log(evaluate(), step)
 
         # ----- checkpoint ------------------------------------------------------------------------------------------
-        stop = preemption.should_stop(accelerator)
-        if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or stop:
-            save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step,
-                            {"epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}, cfg.save_total_limit)
-        if stop:
-            logger.warning("preemption signal received: saved checkpoint-%d and stopping", step)
+        if checkpoint_or_stop(accelerator, preemption, model, tokenizer, cfg, step,
+                              {"epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}):
             tracker.close()
             return
 
     # ----- final save and eval ---------------------------------------------------------------------------------------
+    ensure_finite_weights(accelerator, step, model)
     save_model(accelerator, model, tokenizer, Path(cfg.output_dir))
     if accelerator.is_main_process:
         logger.info("saved final model to %s", cfg.output_dir)

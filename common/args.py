@@ -69,7 +69,8 @@ class TrainerArgs:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0                              # 0 = no clipping (the norm is still measured)
+    max_consecutive_nonfinite: int = 3                      # NaN/inf steps in a row (each skipped) before the run stops
     lr_scheduler_type: Literal["cosine", "constant", "linear"] = "cosine"
     warmup_ratio: float = 0.03
     bf16: bool = True                                       # used only where the hardware supports it
