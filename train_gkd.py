@@ -83,6 +83,12 @@ class Config(CommonArgs):
     eval_generation_samples: int = 256
     eval_max_new_tokens: int = 64
 
+    RANGES = {
+        "temperature": "(0, inf)", "lmbda": "[0, 1]", "beta": "[0, 1]", "max_new_tokens": "[1, inf)",
+        "max_seq_length": "[2, inf)", "generation_batch_size": "[1, inf)", "eval_generation_samples": "[1, inf)",
+        "eval_max_new_tokens": "[1, inf)",
+    }
+
     def validate(self) -> None:
         super().validate()
         if not self.teacher_model_name_or_path:

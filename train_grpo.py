@@ -108,6 +108,16 @@ class Config(CommonArgs):
     teacher_reward: dict = field(default_factory=dict)
     trainer_log_name: str = "grpo"
 
+    RANGES = {
+        "num_generations": "[2, inf)", "beta": "[0, inf)", "max_prompt_length": "[1, inf)",
+        "max_completion_length": "[1, inf)", "temperature": "[0, inf)", "top_p": "(0, 1]", "top_k": "[1, inf)",
+        "min_p": "[0, 1]", "repetition_penalty": "(0, inf)", "vllm_gpu_memory_utilization": "(0, 1]",
+        "vllm_max_model_len": "[1, inf)", "ray_tensor_parallelism": "[1, inf)", "vllm_port": "[1, 65535]",
+        "reward_weights": "(-inf, inf)", "ref_model_sync_steps": "[1, inf)", "ref_model_mixup_alpha": "[0, 1]",
+        "logging_prob": "[0, 1]", "epsilon_low": "[0, 1)", "epsilon_high": "[0, inf)", "num_iterations": "[1, inf)",
+        "generation_batch_size": "[1, inf)", "eval_max_samples": "[1, inf)", "math_verify_timeout": "[1, inf)",
+    }
+
     def validate(self) -> None:
         super().validate()
         from common.rewards import REWARD_REGISTRY

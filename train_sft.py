@@ -47,10 +47,10 @@ class Config(CommonArgs):
     eval_generation_samples: int = 256
     eval_max_new_tokens: int = 64
 
+    RANGES = {"max_seq_length": "[2, inf)", "eval_generation_samples": "[1, inf)", "eval_max_new_tokens": "[1, inf)"}
+
     def validate(self) -> None:
         super().validate()
-        if self.max_seq_length < 2:
-            raise ConfigError(f"key 'max_seq_length' = {self.max_seq_length}: expected >= 2")
         if self.eval_generation_reward:
             from common.rewards import REWARD_REGISTRY
             if self.eval_generation_reward not in REWARD_REGISTRY:

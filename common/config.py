@@ -279,6 +279,63 @@ def _build(cls: type, values: dict, sources: dict, prefix: str = "") -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Ranges: each Config class may declare `RANGES = {"key": "[1, inf)", "lora.r": "[1, inf)", ...}`; the tables of a
+# class and its bases are merged. "[a, b]" / "(a, b)" are closed / open ends; "inf" is unbounded (and never
+# reached: an open end). A trailing "if other_key" applies the range only when other_key is true. null passes
+# (the type says whether null is allowed); a list is checked item by item; NaN never passes.
+# ---------------------------------------------------------------------------------------------------------------------
+
+_RANGE = re.compile(r"^([\[(])\s*([-+\w.]+)\s*,\s*([-+\w.]+)\s*([\])])(?:\s+if\s+([\w.]+))?$")
+
+
+def parse_range(text: str) -> tuple[float, float, bool, bool, Optional[str]]:
+    """"[1, inf) if do_eval" -> (low, high, low_closed, high_closed, condition key)."""
+    match = _RANGE.match(text.strip())
+    if not match:
+        raise ValueError(f"malformed range {text!r}: expected e.g. '[0, 1)' or '(0, inf) if key'")
+    left, low, high, right, condition = match.groups()
+    return float(low), float(high), left == "[", right == "]", condition
+
+
+def class_ranges(cls: type) -> dict[str, str]:
+    ranges: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        ranges.update(vars(klass).get("RANGES", {}))
+    return ranges
+
+
+def _in_range(value: float, low: float, high: float, low_closed: bool, high_closed: bool) -> bool:
+    above = value >= low if low_closed else value > low
+    below = value <= high if high_closed else value < high
+    return bool(above and below)  # NaN: both False
+
+
+def _dotted_get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_ranges(cfg: Any, sources: Optional[dict] = None) -> None:
+    """Every ranged key of `cfg` inside its range, or one ConfigError naming the key, its value and the range."""
+    for key, text in class_ranges(type(cfg)).items():
+        low, high, low_closed, high_closed, condition = parse_range(text)
+        if condition and not _dotted_get(cfg, condition):
+            continue
+        value = _dotted_get(cfg, key)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is None or _in_range(float(item), low, high, low_closed, high_closed):
+                continue
+            where = (sources or {}).get(key, (sources or {}).get(key.split(".")[0], ""))
+            kind = "an integer" if isinstance(item, int) else "a number"
+            interval = text.split(" if ")[0].strip()
+            when = f" when {condition} is true" if condition else ""
+            raise ConfigError(f"{where + ': ' if where else ''}key '{key}' = {value!r}: expected {kind} in "
+                              f"{interval}{when}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Batch math
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -385,6 +442,7 @@ def load_config(cls: type, argv: Optional[list[str]] = None, description: str = 
     cfg = _build(cls, merged, sources)
     cfg._env_keys = env_keys  # keys never written back with their values
     cfg._config_path = args.config
+    check_ranges(cfg, sources)
     resolve_batch_sizes(cfg, world_size_from_env())
     if hasattr(cfg, "validate"):
         cfg.validate()
