@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from common.args import CommonArgs
-from common.config import ConfigError, config_to_dict, fail_fast, load_config, save_config
+from common.config import ConfigError, config_to_dict, fail_fast, load_config
 from common.data import collate_sft, encode_prompt, load_train_eval, tokenize_example
 
 logger = logging.getLogger("train_gkd")
@@ -88,6 +88,8 @@ class Config(CommonArgs):
         "max_seq_length": "[2, inf)", "generation_batch_size": "[1, inf)", "eval_generation_samples": "[1, inf)",
         "eval_max_new_tokens": "[1, inf)",
     }
+    RESUME_MUST_MATCH = ("teacher_model_name_or_path", "lmbda", "beta", "temperature", "seq_kd", "max_new_tokens",
+                         "max_seq_length")
 
     def validate(self) -> None:
         super().validate()
@@ -526,8 +528,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     from accelerate.utils import set_seed
 
     from common.checkpoint import PreemptionFlag, load_checkpoint, resolve_resume_path, save_model
-    from common.loop import (SKIPPED, NonFiniteCounter, checkpoint_or_stop, ensure_finite_weights, finite_sampling,
-                             optimizer_step, step_metrics)
+    from common.loop import (SKIPPED, NonFiniteCounter, check_output_dir, checkpoint_or_stop, claim_output_dir,
+                             ensure_finite_weights, finite_sampling, optimizer_step, resumed_step, step_metrics)
     from common.models import count_parameters, disable_dropout, load_causal_lm, load_tokenizer, prepare_frozen_model
     from common.rollout import HFGenerateEngine, SamplingParams, truncate_prompts
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
@@ -544,6 +546,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_model_source("model_name_or_path", cfg.model_name_or_path)
         check_model_source("teacher_model_name_or_path", cfg.teacher_model_name_or_path)
         resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
+        check_output_dir(cfg, resume_path, accelerator.is_main_process)
         train_examples, eval_examples = load_train_eval(cfg)
         tokenizer = load_tokenizer(cfg)
         teacher_tokenizer = load_tokenizer(cfg, cfg.teacher_model_name_or_path)
@@ -571,8 +574,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                        "left for sampling", num_cut, cfg.max_seq_length - cfg.max_new_tokens)
     total_steps = total_optimizer_steps(cfg, len(train_examples))
     steps_per_epoch = len(train_examples) // cfg.train_batch_size
-    if accelerator.is_main_process:
-        save_config(cfg, cfg.output_dir)
+    # locked, config.yaml written, stale metrics rows dropped; the lock is held until the process exits
+    run_dir = claim_output_dir(cfg, resume_path, resumed_step(resume_path), accelerator.is_main_process)
     logger.info("%d train examples, %d eval examples, %d optimizer steps (%d per epoch)", len(train_examples),
                 len(eval_examples), total_steps, steps_per_epoch)
 

@@ -40,7 +40,7 @@ from typing import Literal, Optional
 import torch
 
 from common.args import CommonArgs
-from common.config import ConfigError, config_to_dict, fail_fast, load_config, save_config, world_size_from_env
+from common.config import ConfigError, config_to_dict, fail_fast, load_config, world_size_from_env
 from common.logprobs import completion_logprobs, lm_head_logprobs_agree, rollout_batch
 from common.ops import masked_mean, masked_sum
 from common.rewards import combine_rewards
@@ -117,6 +117,9 @@ class Config(CommonArgs):
         "logging_prob": "[0, 1]", "epsilon_low": "[0, 1)", "epsilon_high": "[0, inf)", "num_iterations": "[1, inf)",
         "generation_batch_size": "[1, inf)", "eval_max_samples": "[1, inf)", "math_verify_timeout": "[1, inf)",
     }
+    RESUME_MUST_MATCH = ("num_generations", "max_prompt_length", "max_completion_length", "loss_type", "beta",
+                         "epsilon_low", "epsilon_high", "num_iterations", "scale_rewards", "reward_funcs",
+                         "reward_weights", "temperature", "ref_model_name_or_path")
 
     def validate(self) -> None:
         super().validate()
@@ -336,8 +339,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     from accelerate.utils import gather_object, set_seed
 
     from common.checkpoint import PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path, save_model
-    from common.loop import (SKIPPED, NonFiniteCounter, checkpoint_or_stop, ensure_finite_weights, finite_sampling,
-                             optimizer_step, step_metrics)
+    from common.loop import (SKIPPED, NonFiniteCounter, check_output_dir, checkpoint_or_stop, claim_output_dir,
+                             ensure_finite_weights, finite_sampling, optimizer_step, resumed_step, step_metrics)
     from common.data import load_train_eval, render_prompt
     from common.evaluation import build_reward_inputs, greedy_eval
     from common.logprobs import cache_argument, plain_lm_head
@@ -359,6 +362,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ----- data and rewards (before models: bad input fails fast) ----------------------------------------------------
     with fail_fast():
         resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
+        check_output_dir(cfg, resume_path, accelerator.is_main_process)
         train_examples, eval_examples = load_train_eval(cfg)
         if len(train_examples) < prompts_per_step:
             raise ValueError(f"{len(train_examples)} training prompts, fewer than the {prompts_per_step} prompts per "
@@ -376,8 +380,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     rounds_per_epoch = len(train_examples) // prompts_per_step
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(
         1, math.ceil(rounds_per_epoch * cfg.num_train_epochs) * cfg.num_iterations)
-    if accelerator.is_main_process:
-        save_config(cfg, cfg.output_dir)
+    # locked, config.yaml written, stale metrics rows dropped; the lock is held until the process exits
+    run_dir = claim_output_dir(cfg, resume_path, resumed_step(resume_path), accelerator.is_main_process)
     logger.info("%d train prompts, %d eval, %d prompts x %d completions per step, %d steps", len(train_examples),
                 len(eval_examples), prompts_per_step, group, total_steps)
 

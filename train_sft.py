@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common.args import CommonArgs
-from common.config import ConfigError, config_to_dict, fail_fast, load_config, save_config
+from common.config import ConfigError, config_to_dict, fail_fast, load_config
 from common.tracking import setup_logging
 from common.data import IGNORE_INDEX, collate_sft, load_train_eval, pack_examples, tokenize_example
 
@@ -48,6 +48,7 @@ class Config(CommonArgs):
     eval_max_new_tokens: int = 64
 
     RANGES = {"max_seq_length": "[2, inf)", "eval_generation_samples": "[1, inf)", "eval_max_new_tokens": "[1, inf)"}
+    RESUME_MUST_MATCH = ("max_seq_length", "packing")
 
     def validate(self) -> None:
         super().validate()
@@ -94,8 +95,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     from accelerate.utils import set_seed
 
     from common.checkpoint import PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path, save_model
-    from common.loop import (SKIPPED, NonFiniteCounter, checkpoint_or_stop, ensure_finite_weights, optimizer_step,
-                             step_metrics)
+    from common.loop import (SKIPPED, NonFiniteCounter, check_output_dir, checkpoint_or_stop, claim_output_dir,
+                             ensure_finite_weights, optimizer_step, resumed_step, step_metrics)
     from common.models import count_parameters, load_causal_lm, load_tokenizer
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
                                 shard, total_optimizer_steps)
@@ -108,6 +109,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ----- data (before models: bad data fails fast) -----------------------------------------------------------------
     with fail_fast():
         resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
+        check_output_dir(cfg, resume_path, accelerator.is_main_process)
         train_examples, eval_examples = load_train_eval(cfg)
         tokenizer = load_tokenizer(cfg)
         tokenize = lambda e: tokenize_example(e, tokenizer, cfg.max_seq_length, cfg.completion_only_training)
@@ -120,8 +122,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                              f"train_batch_size={cfg.train_batch_size}")
     total_steps = total_optimizer_steps(cfg, len(train_rows))
     steps_per_epoch = len(train_rows) // cfg.train_batch_size
-    if accelerator.is_main_process:
-        save_config(cfg, cfg.output_dir)
+    # locked, config.yaml written, stale metrics rows dropped; the lock is held until the process exits
+    run_dir = claim_output_dir(cfg, resume_path, resumed_step(resume_path), accelerator.is_main_process)
     logger.info("%d train rows, %d eval examples, %d optimizer steps (%d per epoch)", len(train_rows),
                 len(eval_examples), total_steps, steps_per_epoch)
 

@@ -55,6 +55,7 @@ class DataArgs:
 @dataclass
 class TrainerArgs:
     output_dir: str = "outputs/run"
+    overwrite_output_dir: bool = False                      # a new run may replace another run's checkpoints/metrics
     run_name: Optional[str] = None
     seed: int = 42
     max_steps: int = 450                                    # > 0 wins over num_train_epochs
@@ -105,6 +106,9 @@ class CommonArgs(TrainerArgs, DataArgs, ModelArgs):
         "warmup_ratio": "[0, 1]", "ddp_timeout": "[1, inf)", "eval_steps": "[1, inf) if do_eval",
         "logging_steps": "[1, inf)", "save_steps": "[0, inf)", "save_total_limit": "[1, inf)",
     }
+    # A resume refuses a checkpoint trained with other values of these (each script adds its algorithm's keys).
+    RESUME_MUST_MATCH = ("model_name_or_path", "use_peft", "lora", "train_batch_size", "seed", "dataset_id_or_path",
+                         "make_dataset_fn", "completion_only_training")
 
     def validate(self) -> None:
         """Checks that need no model; scripts extend this with their own."""

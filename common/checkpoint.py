@@ -133,4 +133,4 @@ def push_final_model(accelerator, output_dir: str, repo_id: str) -> None:
     api = HfApi()
     api.create_repo(repo_id, exist_ok=True, private=True)
     api.upload_folder(repo_id=repo_id, folder_path=output_dir,
-                      ignore_patterns=["checkpoint-*", "*.tmp", "wandb/*", "tensorboard/*", "STOP"])
+                      ignore_patterns=["checkpoint-*", "*.tmp", "wandb/*", "tensorboard/*", "STOP", ".lock"])

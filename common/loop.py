@@ -11,10 +11,13 @@ one. A checkpoint is never written from non-finite weights (the last good checkp
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -110,7 +113,8 @@ def checkpoint_or_stop(accelerator, preemption, model, tokenizer, cfg, step: int
     stop = preemption.should_stop(accelerator)
     if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or stop:
         ensure_finite_weights(accelerator, step, model, *(extra_models or {}).values())
-        save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step, state, cfg.save_total_limit,
+        save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step, checkpoint_state(cfg, state),
+                        cfg.save_total_limit,
                         extra_models=extra_models)
     if stop:
         logger.warning("preemption signal received: saved checkpoint-%d and stopping", step)
@@ -135,3 +139,145 @@ def finite_sampling(accelerator, step: int, model):
             raise NonFiniteError(f"step {step}: sampling failed on non-finite probabilities ({err}); the policy's "
                                  f"logits overflow; resume from the last checkpoint with a lower learning_rate") from err
         raise
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One run per output directory
+# ---------------------------------------------------------------------------------------------------------------------
+# A fresh run (no checkpoint to resume) refuses a directory that holds another run's checkpoints or metrics unless
+# overwrite_output_dir=true; a resume refuses a checkpoint whose run differs in a key of the Config's
+# RESUME_MUST_MATCH; rank 0 holds an exclusive lock on output_dir/.lock for the run's lifetime.
+
+LOCK_FILE = ".lock"
+RUN_FILES = ("metrics.jsonl", "completions.jsonl")
+
+
+def _must_match(cfg) -> dict:
+    from common.config import config_to_dict
+    values = config_to_dict(cfg)  # secrets redacted: these values are written into every checkpoint
+    keys = []
+    for klass in reversed(type(cfg).__mro__):
+        keys += [k for k in vars(klass).get("RESUME_MUST_MATCH", ()) if k not in keys]
+    return {k: values.get(k) for k in keys}
+
+
+def checkpoint_state(cfg, state: dict) -> dict:
+    """trainer_state.json contents: the script's counters plus the keys a resume must match."""
+    return {**state, "run_config": _must_match(cfg)}
+
+
+def _lock_holder(root: Path) -> Optional[str]:
+    """The pid holding the lock on root, or None when it is free (probes without creating anything)."""
+    import fcntl
+    path = root / LOCK_FILE
+    if not path.is_file():
+        return None
+    with open(path, "r+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return handle.read().strip() or "?"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
+def _previous_run(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    found = sorted(p.name for p in root.glob("checkpoint-*"))
+    found += [name for name in RUN_FILES if (root / name).is_file() and (root / name).stat().st_size > 0]
+    return found
+
+
+def check_output_dir(cfg, resume_path: Optional[Path], is_main: bool) -> None:
+    """Before anything is written: the directory is free, new or explicitly overwritten, or the resume matches."""
+    from common.config import ConfigError
+    root = Path(cfg.output_dir)
+    if is_main and (holder := _lock_holder(root)) is not None:
+        raise ConfigError(f"output_dir {root} is in use by another run (process {holder} holds {root / LOCK_FILE}); "
+                          f"wait for it to finish or choose another output_dir")
+    if resume_path is None:
+        previous = _previous_run(root)
+        if previous and not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+            shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
+            raise ConfigError(f"output_dir {root} already holds a run ({shown}); resume it with "
+                              f"resume_from_checkpoint=latest, choose another output_dir, or set "
+                              f"overwrite_output_dir=true to replace it")
+        return
+    state = json.loads((resume_path / "trainer_state.json").read_text())
+    saved = state.get("run_config")
+    if saved is not None:
+        current = _must_match(cfg)
+        differ = [k for k in current if k in saved and saved[k] != current[k]]
+        if differ:
+            shown = "; ".join(f"{k}: {saved[k]!r} there, {current[k]!r} now" for k in differ)
+            raise ConfigError(f"resume_from_checkpoint: {resume_path} was trained with other settings ({shown}); "
+                              f"resume with the same values, or start a new run in another output_dir")
+    if cfg.max_steps > 0 and state["step"] >= cfg.max_steps:
+        raise ConfigError(f"resume_from_checkpoint: {resume_path} is at step {state['step']}, and max_steps = "
+                          f"{cfg.max_steps} leaves nothing to train; raise max_steps to train further")
+
+
+class RunDirectory:
+    """The claimed output_dir: locked (rank 0) until the process ends or `release()`."""
+
+    def __init__(self, handle=None):
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def claim_output_dir(cfg, resume_path: Optional[Path], resumed_step: int, is_main: bool) -> RunDirectory:
+    """After every check passed: lock, clear an overwritten run, drop metrics rows past the resumed step, save
+    config.yaml. Rank 0 only writes; other ranks get an empty handle."""
+    import fcntl
+
+    from common.config import fail_fast, save_config
+    if not is_main:
+        return RunDirectory()
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / LOCK_FILE, "a+")
+    with fail_fast():
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise ValueError(f"output_dir {root} is in use by another run (it took {root / LOCK_FILE} first)") \
+                from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    if resume_path is None and cfg.overwrite_output_dir:
+        for old in root.glob("checkpoint-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        for name in RUN_FILES:
+            (root / name).unlink(missing_ok=True)
+    if resume_path is not None:
+        for name in RUN_FILES:  # rows the killed run wrote after its last checkpoint would be duplicated
+            _keep_rows_up_to(root / name, resumed_step)
+    save_config(cfg, cfg.output_dir)
+    return RunDirectory(handle)
+
+
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line torn by the kill
+            continue
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def resumed_step(resume_path: Optional[Path]) -> int:
+    return json.loads((resume_path / "trainer_state.json").read_text())["step"] if resume_path else 0
