@@ -33,6 +33,12 @@ GLOBALS_FILE = CONFIG_DIR / "train.yaml"
 COMMAND_LINE = "the command line"
 SECRET_KEY_PATTERN = re.compile(r"(api_?key|secret|password|(^|_)token)$", re.IGNORECASE)
 _INTERPOLATION = re.compile(r"\$\{([^${}]+)\}")
+# credentials inside URLs: `scheme://user:SECRET@host`, and secret-looking query parameters `?api-key=SECRET`
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@:\s]*:)(?P<secret>[^/@\s]+)@", re.IGNORECASE)
+_SECRET_QUERY = re.compile(r"(?P<head>[?&](?:api[-_]?key|key|token|access[-_]?token|secret|password|sig|signature)=)"
+                           r"(?P<secret>[^&#\s]+)", re.IGNORECASE)
+_ENV_VALUES: set[str] = set()   # values read through ${env:...} in this process; never written anywhere
+_MIN_ENV_VALUE = 6              # shorter values ("1", "true") are too common to hide by value
 
 
 class ConfigError(ValueError):
@@ -166,6 +172,8 @@ def interpolate(merged: dict, sources: dict) -> set[str]:
             name, _, default = ref[4:].partition(",")
             env_keys.add(key)
             if name.strip() in os.environ:
+                if len(os.environ[name.strip()]) >= _MIN_ENV_VALUE:
+                    _ENV_VALUES.add(os.environ[name.strip()])
                 return os.environ[name.strip()]
             if default:
                 return yaml.safe_load(default.strip())
@@ -466,28 +474,37 @@ def describe_keys(cls: type) -> str:
     return "\n".join(lines)
 
 
+def redact_text(text: str) -> str:
+    """A string with environment-read values, URL passwords and secret query parameters replaced."""
+    for value in sorted(_ENV_VALUES, key=len, reverse=True):
+        text = text.replace(value, "<from environment>")
+    text = _URL_PASSWORD.sub(lambda m: m["head"] + "<redacted>@", text)
+    return _SECRET_QUERY.sub(lambda m: m["head"] + "<redacted>", text)
+
+
+def redact(node: Any, env_keys: frozenset | set = frozenset(), prefix: str = "") -> Any:
+    """The one redaction for every config-like file we write (config.yaml, reward_system.yaml, checkpoint state):
+    keys read from the environment and secret-looking keys lose their values, and every string goes through
+    `redact_text`."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            dotted = f"{prefix}{k}"
+            if dotted in env_keys:
+                out[k] = "<from environment>"
+            elif SECRET_KEY_PATTERN.search(str(k)) and v not in (None, "") and not str(k).endswith("_env"):
+                out[k] = "<redacted>"
+            else:
+                out[k] = redact(v, env_keys, dotted + ".")
+        return out
+    if isinstance(node, (list, tuple)):
+        return [redact(v, env_keys, prefix) for v in node]
+    return redact_text(node) if isinstance(node, str) else node
+
+
 def config_to_dict(cfg: Any) -> dict:
     """The config as plain data, with environment-derived and secret-looking values left out."""
-    data = dataclasses.asdict(cfg)
-    env_keys = getattr(cfg, "_env_keys", set())
-
-    def scrub(node: Any, prefix: str) -> Any:
-        if isinstance(node, dict):
-            out = {}
-            for k, v in node.items():
-                dotted = f"{prefix}{k}"
-                if dotted in env_keys:
-                    out[k] = "<from environment>"
-                elif SECRET_KEY_PATTERN.search(str(k)) and v not in (None, "") and not str(k).endswith("_env"):
-                    out[k] = "<redacted>"
-                else:
-                    out[k] = scrub(v, dotted + ".")
-            return out
-        if isinstance(node, list):
-            return [scrub(v, prefix) for v in node]
-        return node
-
-    return scrub(data, "")
+    return redact(dataclasses.asdict(cfg), getattr(cfg, "_env_keys", set()))
 
 
 def dump_config(cfg: Any) -> str:
@@ -523,5 +540,5 @@ def redact_argv(argv: list[str]) -> list[str]:
     for arg in argv:
         key, sep, _ = arg.partition("=")
         last = key.lstrip("+").split(".")[-1]
-        redacted.append(f"{key}=<redacted>" if sep and SECRET_KEY_PATTERN.search(last) else arg)
+        redacted.append(f"{key}=<redacted>" if sep and SECRET_KEY_PATTERN.search(last) else redact_text(arg))
     return redacted
