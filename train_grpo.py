@@ -601,9 +601,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if cfg.do_eval and eval_examples:
         final_eval = evaluate(step)
         if accelerator.is_main_process:
-            from common.evaluation import format_accuracy_table
-            rows = ([(f"start ({cfg.model_name_or_path})", start_eval)] if start_eval else []) + [
-                (f"GRPO ({cfg.output_dir})", final_eval)]
+            from common.evaluation import format_accuracy_table, start_rows
+            rows = start_rows(cfg.output_dir, cfg.model_name_or_path, start_step, start_eval) + [
+                (f"GRPO ({cfg.output_dir}, step {step})", final_eval)]
             print(format_accuracy_table(rows), flush=True)
     tracker.close()
     accelerator.end_training()

@@ -102,3 +102,14 @@ def test_two_runs_cannot_share_a_directory(tiny_model_dir, tmp_path):
             first.kill()
     rows = steps(out)
     assert rows == list(range(1, len(rows) + 1))  # one run's rows, none torn or repeated
+
+
+def test_the_before_after_table_keeps_the_true_start_across_a_resume(tmp_path):
+    from common.evaluation import format_accuracy_table, start_rows
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 0, "eval/reward": 0.894, "eval/num_samples": 500}\n{"step": 1, "loss": 0.1}\n')
+    resumed = {"accuracy": 0.924, "num_scored": 500}
+    table = format_accuracy_table(start_rows(str(tmp_path), "sft-model", 40, resumed))
+    assert "| start (sft-model; from metrics.jsonl) | 89.4 % | 500 |" in table
+    assert "| resumed checkpoint (step 40) | 92.4 % | 500 |" in table
+    assert start_rows(str(tmp_path), "sft-model", 0, resumed) == [("start (sft-model)", resumed)]
