@@ -33,9 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,15 +44,13 @@ import torch.nn.functional as F
 
 from common.args import CommonArgs
 from common.config import ConfigError, config_to_dict, fail_fast, load_config
-from common.data import collate_sft, encode_prompt, load_train_eval, tokenize_example
+from common.data import check_row_lengths, collate_sft, encode_prompt, load_train_eval, tokenize_example
 
 logger = logging.getLogger("train_gkd")
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 SEQUENCE_SOURCES = ("student", "teacher", "dataset")
-# A hub id as `from_pretrained` accepts it: `name` or `org/name`.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,27 +462,6 @@ def gkd_loss_sum(student, teacher, batch: dict, beta: float, temperature: float)
 # ---------------------------------------------------------------------------------------------
 # Start-up checks (before any model loads)
 # ---------------------------------------------------------------------------------------------
-def check_model_source(key: str, value: str) -> None:
-    """A local model directory must exist; anything else must look like a hub id (and, offline, be cached)."""
-    path = Path(value).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"key '{key}' = {value!r}: {path} has no config.json; expected a model "
-                                    "directory saved with save_pretrained")
-        return
-    first = value.split("/")[0]
-    looks_local = (value.startswith(("/", ".", "~")) or value.count("/") > 1 or not _HUB_ID.fullmatch(value)
-                   or (value.count("/") == 1 and Path(first).is_dir()))
-    if looks_local:
-        raise FileNotFoundError(f"key '{key}' = {value!r}: no such local model directory (and not a hub id "
-                                "`org/name`)")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        from huggingface_hub import try_to_load_from_cache
-        if not isinstance(try_to_load_from_cache(value, "config.json"), str):
-            raise FileNotFoundError(f"key '{key}' = {value!r}: not a local directory, and HF_HUB_OFFLINE is set "
-                                    "but the hub model is not in the local cache")
-
-
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
     """GKD compares the two models' distributions token by token: one vocabulary, one id per token."""
     student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
@@ -530,7 +505,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     from common.checkpoint import PreemptionFlag, load_checkpoint, resolve_resume_path, save_model
     from common.loop import (SKIPPED, NonFiniteCounter, check_output_dir, checkpoint_or_stop, claim_output_dir,
                              ensure_finite_weights, finite_sampling, optimizer_step, resumed_step, step_metrics)
-    from common.models import count_parameters, disable_dropout, load_causal_lm, load_tokenizer, prepare_frozen_model
+    from common.models import (check_model_source, count_parameters, disable_dropout, load_causal_lm, load_tokenizer,
+                               prepare_frozen_model)
     from common.rollout import HFGenerateEngine, SamplingParams, truncate_prompts
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
                                 shard, total_optimizer_steps)
@@ -566,12 +542,18 @@ def main(argv: Optional[list[str]] = None) -> None:
                                                cfg.max_seq_length - cfg.max_new_tokens)
         dataset_rows = [tokenize_example(e, tokenizer, cfg.max_seq_length) if e.completion is not None else None
                         for e in train_examples]
+        num_cut, num_without_target = check_row_lengths([r for r in dataset_rows if r is not None],
+                                                        cfg.max_seq_length) if cfg.lmbda < 1 and not cfg.seq_kd \
+            else (0, 0)
         eval_with_completion = [e for e in eval_examples if e.completion is not None]
         eval_rows = [tokenize_example(e, tokenizer, cfg.max_seq_length) for e in eval_with_completion] \
             if cfg.do_eval else []
     if num_cut:
         logger.warning("%d prompts are longer than max_seq_length - max_new_tokens = %d tokens and are cut on the "
                        "left for sampling", num_cut, cfg.max_seq_length - cfg.max_new_tokens)
+    if num_cut:
+        logger.warning("%d dataset rows reach max_seq_length=%d and are cut there (%d of them keep no completion "
+                       "token)", num_cut, cfg.max_seq_length, num_without_target)
     total_steps = total_optimizer_steps(cfg, len(train_examples))
     steps_per_epoch = len(train_examples) // cfg.train_batch_size
     # locked, config.yaml written, stale metrics rows dropped; the lock is held until the process exits

@@ -344,7 +344,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from common.data import load_train_eval, render_prompt
     from common.evaluation import build_reward_inputs, greedy_eval
     from common.logprobs import cache_argument, plain_lm_head
-    from common.models import load_causal_lm, load_tokenizer, prepare_frozen_model
+    from common.models import check_model_source, load_causal_lm, load_tokenizer, prepare_frozen_model
     from common.rewards import get_reward_factory
     from common.rollout import HFGenerateEngine, SamplingParams, truncate_prompts
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
@@ -361,6 +361,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     # ----- data and rewards (before models: bad input fails fast) ----------------------------------------------------
     with fail_fast():
+        check_model_source("model_name_or_path", cfg.model_name_or_path)
+        if cfg.ref_model_name_or_path:
+            check_model_source("ref_model_name_or_path", cfg.ref_model_name_or_path)
         resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
         check_output_dir(cfg, resume_path, accelerator.is_main_process)
         train_examples, eval_examples = load_train_eval(cfg)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from common.args import CommonArgs
 from common.config import ConfigError, config_to_dict, fail_fast, load_config
 from common.tracking import setup_logging
-from common.data import IGNORE_INDEX, collate_sft, load_train_eval, pack_examples, tokenize_example
+from common.data import (IGNORE_INDEX, check_row_lengths, collate_sft, load_train_eval, pack_examples,
+                         tokenize_example)
 
 logger = logging.getLogger("train_sft")
 
@@ -97,7 +98,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from common.checkpoint import PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path, save_model
     from common.loop import (SKIPPED, NonFiniteCounter, check_output_dir, checkpoint_or_stop, claim_output_dir,
                              ensure_finite_weights, optimizer_step, resumed_step, step_metrics)
-    from common.models import count_parameters, load_causal_lm, load_tokenizer
+    from common.models import check_model_source, count_parameters, load_causal_lm, load_tokenizer
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
                                 shard, total_optimizer_steps)
     from common.tracking import Tracker
@@ -108,6 +109,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     # ----- data (before models: bad data fails fast) -----------------------------------------------------------------
     with fail_fast():
+        check_model_source("model_name_or_path", cfg.model_name_or_path)
         resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
         check_output_dir(cfg, resume_path, accelerator.is_main_process)
         train_examples, eval_examples = load_train_eval(cfg)
@@ -115,11 +117,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         tokenize = lambda e: tokenize_example(e, tokenizer, cfg.max_seq_length, cfg.completion_only_training)
         train_rows = [tokenize(e) for e in train_examples]
         eval_rows = [tokenize(e) for e in eval_examples] if cfg.do_eval else []
+        num_cut, num_without_target = check_row_lengths(train_rows, cfg.max_seq_length)
         if cfg.packing:
             train_rows = pack_examples(train_rows, cfg.max_seq_length)
         if len(train_rows) < cfg.train_batch_size:
             raise ValueError(f"{len(train_rows)} training rows (after packing={cfg.packing}) is fewer than "
                              f"train_batch_size={cfg.train_batch_size}")
+    if num_cut:
+        logger.warning("%d of %d training rows reach max_seq_length=%d and are cut there (%d of them keep no "
+                       "completion token and add nothing to the loss)", num_cut, len(train_examples),
+                       cfg.max_seq_length, num_without_target)
     total_steps = total_optimizer_steps(cfg, len(train_rows))
     steps_per_epoch = len(train_rows) // cfg.train_batch_size
     # locked, config.yaml written, stale metrics rows dropped; the lock is held until the process exits

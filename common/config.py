@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -382,6 +383,18 @@ def resolve_batch_sizes(cfg: Any, num_processes: int) -> None:
                           f"to null to have it computed")
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # `name` or `org/name`, as `from_pretrained` accepts it
+
+
+def is_missing_local_path(value: str) -> bool:
+    """True when `value` does not exist and cannot be a hub id: a mistyped local path (fail here, not at the hub)."""
+    if Path(value).expanduser().exists():
+        return False
+    first = value.split("/")[0]
+    return (value.startswith(("/", ".", "~")) or value.count("/") > 1 or not _HUB_ID.fullmatch(value)
+            or (value.count("/") == 1 and Path(first).is_dir()))
+
+
 def world_size_from_env() -> int:
     """Number of processes as launchers (accelerate, torchrun, SLURM via accelerate) announce it."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -409,7 +422,19 @@ def instantiate(spec: dict, *args: Any, key: str = "_target_", **extra: Any) -> 
     if "_target_" not in spec:
         raise ConfigError(f"key '{key}' needs a `_target_: module.function` entry")
     kwargs = {k: v for k, v in spec.items() if k != "_target_"}
-    return import_target(spec["_target_"], f"{key}._target_")(*args, **kwargs, **extra)
+    target = import_target(spec["_target_"], f"{key}._target_")
+    try:
+        inspect.signature(target).bind(*args, **kwargs, **extra)
+    except TypeError as err:  # an unknown or missing keyword: name the block, not a Python traceback
+        try:
+            takes = ", ".join(p for p in inspect.signature(target).parameters if p not in ("self", "cfg"))
+        except (TypeError, ValueError):
+            takes = "?"
+        raise ConfigError(f"key '{key}': {spec['_target_']} cannot be called with {sorted(kwargs)} ({err}); it "
+                          f"takes: {takes}") from None
+    except ValueError:  # no signature to check (a builtin): call it as given
+        pass
+    return target(*args, **kwargs, **extra)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
