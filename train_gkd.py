@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from common.args import CommonArgs
 from common.config import ConfigError, config_to_dict, fail_fast, load_config
 from common.data import check_row_lengths, collate_sft, encode_prompt, load_train_eval, tokenize_example
+from common.logprobs import lm_head_at
 
 logger = logging.getLogger("train_gkd")
 
@@ -432,13 +433,13 @@ def prediction_mask(labels: torch.Tensor) -> torch.Tensor:
 
 def completion_logits(model, batch: dict, mask: torch.Tensor) -> torch.Tensor:
     """[N, V] logits at the N True positions of `mask` [B, T] (row-major); no other position is projected
-    onto the vocabulary (transformers' boolean `logits_to_keep`)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=mask,
-                   use_cache=False).logits
+    onto the vocabulary (common.logprobs.lm_head_at)."""
+    with lm_head_at(model, mask):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=0,
+                       use_cache=False).logits
     if logits.dim() != 2 or logits.shape[0] != int(mask.sum()):
-        raise RuntimeError(f"{type(model).__name__} returned logits {tuple(logits.shape)} for a boolean "
-                           f"logits_to_keep mask with {int(mask.sum())} positions; this needs a transformers "
-                           "version whose models accept a [B, T] bool logits_to_keep (see requirements.txt)")
+        raise RuntimeError(f"{type(model).__name__} returned logits {tuple(logits.shape)} for {int(mask.sum())} "
+                           "kept positions; its forward must apply get_output_embeddings() to the hidden states")
     return logits
 
 

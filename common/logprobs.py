@@ -8,6 +8,7 @@
   - `lm_head`: while the forward runs, the model's own lm_head returns the logprobs, computing logits a chunk at
     a time from its input hidden states (`lm_head_returns_logprobs`), so `[B, C, V]` logits never exist whole.
     `lm_head_logprobs_agree` checks a model returns its lm_head output unchanged.
+- `lm_head_at`: logits only at chosen positions (GKD's completion tokens).
 - KV-cache helpers shared with generation (common/rollout.py): `cache_argument`, `returned_cache`,
   `repeat_cache_rows`.
 """
@@ -81,6 +82,25 @@ def lm_head_returns_logprobs(lm_head: torch.nn.Linear, targets: torch.Tensor, te
         yield
     finally:
         del lm_head.forward
+
+
+@contextlib.contextmanager
+def lm_head_at(model, positions: torch.Tensor):
+    """Inside the block, the model's output projection reads only the hidden states at `positions` [B, T] (bool),
+    so a forward with `logits_to_keep=0` returns logits [N, V] for the N True positions, row-major; no other
+    position is projected onto the vocabulary. The model is still called whole (DDP / DeepSpeed hooks run).
+
+    Works on every transformers 5.x causal LM that applies its output embeddings to the hidden states (a [B, T]
+    boolean `logits_to_keep` exists only in newer releases).
+    """
+    base = getattr(model, "module", model)   # DDP / DeepSpeed wrappers
+    head = base.get_output_embeddings()
+    original = head.forward
+    head.forward = lambda hidden: original(hidden[positions])   # instance attribute: hooks still run
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def rollout_batch(rollouts: list, pad_token_id: int, mask_truncated: bool,

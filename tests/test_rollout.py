@@ -199,10 +199,10 @@ def test_generate_restores_training_mode_and_gradient_checkpointing(model, token
     reference = HFGenerateEngine(model, tokenizer).generate(prompts, params)
     model.train()
     model.model.embed_tokens.eval()  # a submodule kept in eval on purpose stays so
-    model.activation_checkpointing_enable()
+    model.gradient_checkpointing_enable()
     model.config.use_cache = False  # what training scripts set alongside checkpointing
     rollouts = HFGenerateEngine(model, tokenizer).generate(prompts, params)
-    assert model.training and model.is_activation_checkpointing
+    assert model.training and model.is_gradient_checkpointing
     assert not model.model.embed_tokens.training
     assert all(module.training for module in model.modules() if module is not model.model.embed_tokens)
     assert [r.completion_ids for r in rollouts] == [r.completion_ids for r in reference]
@@ -273,7 +273,7 @@ ZERO3_WORKER = textwrap.dedent('''
     tokenizer = tiny.build_tiny_tokenizer()
     reference = tiny.build_tiny_model(tokenizer, hidden_size=32, layers=2, heads=4, seed=0).eval()
     model = tiny.build_tiny_model(tokenizer, hidden_size=32, layers=2, heads=4, seed=0)
-    model.activation_checkpointing_enable()
+    model.gradient_checkpointing_enable()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
