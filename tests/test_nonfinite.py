@@ -14,7 +14,7 @@ from conftest import run_python
 from common.loop import FORCE_NONFINITE_ENV
 
 
-def script_args(script: str, model: Path, out: Path, *extra: str) -> list[str]:
+def script_args(script: str, model: Path, out: Path, *extra: str, teacher: Path | None = None) -> list[str]:
     common = [f"model_name_or_path={model}", f"output_dir={out}", "logging_steps=1", "save_steps=1",
               "save_total_limit=10", *extra]
     if script == "sft":
@@ -26,7 +26,8 @@ def script_args(script: str, model: Path, out: Path, *extra: str) -> list[str]:
                 "reward_funcs=[format]", r"format_pattern=\d.*", "max_completion_length=4", "train_batch_size=16",
                 "per_device_train_batch_size=16", "num_generations=4", "eval_on_start=false", "do_eval=false",
                 "beta=0", *common]
-    return ["train_gkd.py", "--config", "configs/recipe/quickstart_gkd.yaml", f"teacher_model_name_or_path={model}",
+    return ["train_gkd.py", "--config", "configs/recipe/quickstart_gkd.yaml",
+            f"teacher_model_name_or_path={teacher or model}",
             "make_dataset_fn.num_samples=100", "train_batch_size=8", "per_device_train_batch_size=8", "lmbda=0",
             "eval_generation_reward=null", "do_eval=false", *common]
 
@@ -44,11 +45,19 @@ def same_weights(a: Path, b: Path) -> bool:
     return all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """Other random weights than the student's: GKD against itself would have zero gradients."""
+    from make_tiny_model import save_tiny_model
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "teacher", hidden_size=64, layers=2, heads=4, seed=1)
+
+
 @pytest.mark.parametrize("script", ["sft", "grpo", "gkd"])
-def test_nonfinite_steps_are_skipped_counted_shown_and_stop_the_run_in_a_row(script, tiny_model_dir, tmp_path):
+def test_nonfinite_steps_are_skipped_counted_shown_and_stop_the_run_in_a_row(script, tiny_model_dir, teacher_dir,
+                                                                             tmp_path):
     out = tmp_path / script
-    result = run_python(script_args(script, tiny_model_dir, out, "max_steps=8", "max_consecutive_nonfinite=3"),
-                        env={FORCE_NONFINITE_ENV: "2,4,5,6"})
+    result = run_python(script_args(script, tiny_model_dir, out, "max_steps=8", "max_consecutive_nonfinite=3",
+                                    teacher=teacher_dir), env={FORCE_NONFINITE_ENV: "2,4,5,6"})
     assert result.returncode != 0
     assert "NonFiniteError: step 6: 3 non-finite steps in a row (max_consecutive_nonfinite=3)" in result.stderr
     metrics = rows(out)
