@@ -100,7 +100,8 @@ def step_metrics(grad_norm: Union[float, str], counter: NonFiniteCounter) -> dic
 
 def weights_finite(accelerator, *models) -> bool:
     """Every parameter of every model finite, on every process (ZeRO shards each check their own part)."""
-    local = all(bool(torch.isfinite(p.detach()).all()) for m in models if m is not None for p in m.parameters())
+    checks = [torch.isfinite(p.detach()).all() for m in models if m is not None for p in m.parameters()]
+    local = bool(torch.stack(checks).all()) if checks else True  # one device sync, not one per parameter
     flag = torch.tensor([0.0 if local else 1.0], device=accelerator.device)
     return accelerator.reduce(flag, reduction="sum").item() == 0
 
