@@ -566,7 +566,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             sums += torch.stack([loss.detach() * scale / accum, loss_metrics.get("kl", torch.zeros(())).detach(),
                                  loss_metrics["clip_ratio/low"], loss_metrics["clip_ratio/high"],
                                  loss_metrics["clip_ratio/region"]]).to(sums.device)
-        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, sums[0], nonfinite, step)
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, sums[0], nonfinite,
+                                   step)
         if reference is not None and cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
             sync_reference(accelerator, model, reference, cfg.ref_model_mixup_alpha)
 

@@ -138,7 +138,8 @@ def finite_sampling(accelerator, step: int, model):
     except RuntimeError as err:
         if "inf" in str(err) and "nan" in str(err):  # torch.multinomial: "probability tensor contains inf, nan..."
             raise NonFiniteError(f"step {step}: sampling failed on non-finite probabilities ({err}); the policy's "
-                                 f"logits overflow; resume from the last checkpoint with a lower learning_rate") from err
+                                 f"logits overflow; resume from the last checkpoint with a lower learning_rate") \
+                from err
         raise
 
 

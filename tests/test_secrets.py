@@ -44,7 +44,8 @@ def test_reward_system_yaml_hides_env_values_and_url_credentials(tmp_path, monke
     from common.judges import make_rim_reward
     monkeypatch.setenv("PLANTED_JUDGE_URL", f"http://judge:{SECRET}@127.0.0.1:1/v1?key={SECRET}")
     cfg = load_config(train_grpo.Config, [
-        "model_name_or_path=m", "beta=0", "use_vllm=false", "num_generations=4", f"output_dir={tmp_path / 'out'}", "reward_funcs=[format]",
+        "model_name_or_path=m", "beta=0", "use_vllm=false", "num_generations=4", f"output_dir={tmp_path / 'out'}",
+        "reward_funcs=[format]",
         "teacher_reward={_target_: common.judges.RIMReward, reward_system: "
         "configs/reward_system/interpretation_offline.yaml, overrides: ['models.api_base=${env:PLANTED_JUDGE_URL}']}"])
     rim = make_rim_reward(cfg)
