@@ -81,7 +81,7 @@ class Config(CommonArgs):
     eval_max_new_tokens: int = 64
 
     RANGES = {
-        "temperature": "(0, inf)", "lmbda": "[0, 1]", "beta": "[0, 1]", "max_new_tokens": "[1, inf)",
+        "temperature": "(0, inf)", "max_new_tokens": "[1, inf)",  # lmbda, beta: check_gkd_hyperparameters
         "max_seq_length": "[2, inf)", "generation_batch_size": "[1, inf)", "eval_generation_samples": "[1, inf)",
         "eval_max_new_tokens": "[1, inf)",
     }

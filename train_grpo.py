@@ -109,7 +109,7 @@ class Config(CommonArgs):
     trainer_log_name: str = "grpo"
 
     RANGES = {
-        "num_generations": "[2, inf)", "beta": "[0, inf)", "max_prompt_length": "[1, inf)",
+        "beta": "[0, inf)", "max_prompt_length": "[1, inf)",  # num_generations: validate() (null resolves first)
         "max_completion_length": "[1, inf)", "temperature": "[0, inf)", "top_p": "(0, 1]", "top_k": "[1, inf)",
         "min_p": "[0, 1]", "repetition_penalty": "(0, inf)", "vllm_gpu_memory_utilization": "(0, 1]",
         "vllm_max_model_len": "[1, inf)", "ray_tensor_parallelism": "[1, inf)", "vllm_port": "[1, 65535]",

@@ -109,10 +109,10 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     # ----- data (before models: bad data fails fast) -----------------------------------------------------------------
     with fail_fast():
-        check_model_source("model_name_or_path", cfg.model_name_or_path)
         resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
         check_output_dir(cfg, resume_path, accelerator.is_main_process)
         train_examples, eval_examples = load_train_eval(cfg)
+        check_model_source("model_name_or_path", cfg.model_name_or_path)
         tokenizer = load_tokenizer(cfg)
         tokenize = lambda e: tokenize_example(e, tokenizer, cfg.max_seq_length, cfg.completion_only_training)
         train_rows = [tokenize(e) for e in train_examples]
