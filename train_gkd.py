@@ -33,9 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from common.args import CommonArgs
-from common.config import ConfigError, config_to_dict, fail_fast, load_config, save_config
-from common.data import collate_sft, encode_prompt, load_train_eval, tokenize_example
+from common.config import ConfigError, config_to_dict, fail_fast, load_config
+from common.data import check_row_lengths, collate_sft, encode_prompt, load_train_eval, tokenize_example
 from common.logprobs import lm_head_at
 
 logger = logging.getLogger("train_gkd")
@@ -54,8 +52,6 @@ logger = logging.getLogger("train_gkd")
 IGNORE_INDEX = -100
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 SEQUENCE_SOURCES = ("student", "teacher", "dataset")
-# A hub id as `from_pretrained` accepts it: `name` or `org/name`.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +90,14 @@ class Config(CommonArgs):
     vllm_sync_group_mb: float = 256
     enable_prefix_caching: bool = False
     enforce_eager: bool = True
+
+    RANGES = {
+        "temperature": "(0, inf)", "max_new_tokens": "[1, inf)",  # lmbda, beta: check_gkd_hyperparameters
+        "max_seq_length": "[2, inf)", "generation_batch_size": "[1, inf)", "eval_generation_samples": "[1, inf)",
+        "eval_max_new_tokens": "[1, inf)",
+    }
+    RESUME_MUST_MATCH = ("teacher_model_name_or_path", "lmbda", "beta", "temperature", "seq_kd", "max_new_tokens",
+                         "max_seq_length")
 
     def validate(self) -> None:
         super().validate()
@@ -474,27 +478,6 @@ def gkd_loss_sum(student, teacher, batch: dict, beta: float, temperature: float)
 # ---------------------------------------------------------------------------------------------
 # Start-up checks (before any model loads)
 # ---------------------------------------------------------------------------------------------
-def check_model_source(key: str, value: str) -> None:
-    """A local model directory must exist; anything else must look like a hub id (and, offline, be cached)."""
-    path = Path(value).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"key '{key}' = {value!r}: {path} has no config.json; expected a model "
-                                    "directory saved with save_pretrained")
-        return
-    first = value.split("/")[0]
-    looks_local = (value.startswith(("/", ".", "~")) or value.count("/") > 1 or not _HUB_ID.fullmatch(value)
-                   or (value.count("/") == 1 and Path(first).is_dir()))
-    if looks_local:
-        raise FileNotFoundError(f"key '{key}' = {value!r}: no such local model directory (and not a hub id "
-                                "`org/name`)")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        from huggingface_hub import try_to_load_from_cache
-        if not isinstance(try_to_load_from_cache(value, "config.json"), str):
-            raise FileNotFoundError(f"key '{key}' = {value!r}: not a local directory, and HF_HUB_OFFLINE is set "
-                                    "but the hub model is not in the local cache")
-
-
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
     """GKD compares the two models' distributions token by token: one vocabulary, one id per token."""
     student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
@@ -535,8 +518,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ----- setup -----------------------------------------------------------------------------
     from accelerate.utils import set_seed
 
-    from common.checkpoint import PreemptionFlag, load_checkpoint, resolve_resume_path, save_checkpoint, save_model
-    from common.models import count_parameters, disable_dropout, load_causal_lm, load_tokenizer, prepare_frozen_model
+    from common.checkpoint import PreemptionFlag, load_checkpoint, resolve_resume_path, save_model
+    from common.loop import (SKIPPED, NonFiniteCounter, check_output_dir, checkpoint_or_stop, claim_output_dir,
+                             ensure_finite_weights, finite_sampling, optimizer_step, resumed_step, step_metrics)
+    from common.models import (check_model_source, count_parameters, disable_dropout, load_causal_lm, load_tokenizer,
+                               prepare_frozen_model)
     from common.rollout import HFGenerateEngine, SamplingParams, make_engine, truncate_prompts, vllm_options
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
                                 shard, total_optimizer_steps)
@@ -552,6 +538,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_model_source("model_name_or_path", cfg.model_name_or_path)
         check_model_source("teacher_model_name_or_path", cfg.teacher_model_name_or_path)
         resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
+        check_output_dir(cfg, resume_path, accelerator.is_main_process)
         train_examples, eval_examples = load_train_eval(cfg)
         tokenizer = load_tokenizer(cfg)
         teacher_tokenizer = load_tokenizer(cfg, cfg.teacher_model_name_or_path)
@@ -571,16 +558,22 @@ def main(argv: Optional[list[str]] = None) -> None:
                                                cfg.max_seq_length - cfg.max_new_tokens)
         dataset_rows = [tokenize_example(e, tokenizer, cfg.max_seq_length) if e.completion is not None else None
                         for e in train_examples]
+        num_cut, num_without_target = check_row_lengths([r for r in dataset_rows if r is not None],
+                                                        cfg.max_seq_length) if cfg.lmbda < 1 and not cfg.seq_kd \
+            else (0, 0)
         eval_with_completion = [e for e in eval_examples if e.completion is not None]
         eval_rows = [tokenize_example(e, tokenizer, cfg.max_seq_length) for e in eval_with_completion] \
             if cfg.do_eval else []
     if num_cut:
         logger.warning("%d prompts are longer than max_seq_length - max_new_tokens = %d tokens and are cut on the "
                        "left for sampling", num_cut, cfg.max_seq_length - cfg.max_new_tokens)
+    if num_cut:
+        logger.warning("%d dataset rows reach max_seq_length=%d and are cut there (%d of them keep no completion "
+                       "token)", num_cut, cfg.max_seq_length, num_without_target)
     total_steps = total_optimizer_steps(cfg, len(train_examples))
     steps_per_epoch = len(train_examples) // cfg.train_batch_size
-    if accelerator.is_main_process:
-        save_config(cfg, cfg.output_dir)
+    # locked, config.yaml written, stale metrics rows dropped; the lock is held until the process exits
+    run_dir = claim_output_dir(cfg, resume_path, resumed_step(resume_path), accelerator.is_main_process)
     logger.info("%d train examples, %d eval examples, %d optimizer steps (%d per epoch)", len(train_examples),
                 len(eval_examples), total_steps, steps_per_epoch)
 
@@ -609,6 +602,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     tracker = Tracker(cfg, accelerator.is_main_process, config_to_dict(cfg), total_steps, resume=start_step > 0)
     preemption = PreemptionFlag(cfg.output_dir, accelerator.is_main_process)
     accum = cfg.gradient_accumulation_steps
+    nonfinite = NonFiniteCounter(cfg.max_consecutive_nonfinite)
     engines = {"student": HFGenerateEngine(model, tokenizer, accelerator, batch_size=cfg.generation_batch_size),
                "teacher": HFGenerateEngine(teacher, tokenizer, accelerator, batch_size=cfg.generation_batch_size)}
     if cfg.use_vllm:   # an engine per role that samples; the student's holds the training weights (resumed too)
@@ -683,7 +677,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             # seeded per (step, process): reproducible and resumable, and the global RNG is left alone
             params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                     seed=(cfg.seed + step) * world)
-            rollouts = engines[source].generate([prompt_ids[i] for i in local_indices], params)
+            with finite_sampling(accelerator, step, model):
+                rollouts = engines[source].generate([prompt_ids[i] for i in local_indices], params)
             if source == "student" and any(r.weights_version != weights_version for r in rollouts):
                 raise RuntimeError(f"step {step}: student rollouts not sampled with the current weights "
                                    f"(version {weights_version}): a weight sync was missed")
@@ -711,16 +706,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                                              "completion_tokens": tokens}) + "\n")
         if trace_file is not None:
             trace_file.flush()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step_loss, nonfinite,
+                                   step)
         sync_start = time.time()
         weights_version = engines["student"].sync_weights(model, version=step)
         sync_seconds = time.time() - sync_start
 
         # ----- log -------------------------------------------------------------------------------
-        if step % cfg.logging_steps == 0 or step == total_steps:
+        if step % cfg.logging_steps == 0 or step == total_steps or grad_norm == SKIPPED:
             totals = accelerator.reduce(torch.stack([step_loss, torch.tensor(float(finished), device=step_loss.device),
                                                      torch.tensor(float(len(rows)), device=step_loss.device)]), "sum")
             elapsed = time.time() - step_start
@@ -730,7 +723,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                          "seq_kd_share": source_counts["teacher"] / (step - start_step),
                          "completion_length": global_tokens.item() / max(totals[2].item(), 1),
                          "stop_ratio": totals[1].item() / max(totals[2].item(), 1),
-                         "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                         **step_metrics(grad_norm, nonfinite),
                          "lr": scheduler.get_last_lr()[0], "epoch": epoch + batch_in_epoch / steps_per_epoch,
                          "generation_seconds": generation_seconds, "step_seconds": elapsed,
                          "time/weight_sync": sync_seconds, "rollout/weights_version": float(weights_version)}, step)
@@ -738,20 +731,19 @@ def main(argv: Optional[list[str]] = None) -> None:
             tracker.log(evaluate(), step)
 
         # ----- checkpoint --------------------------------------------------------------------------
-        stop = preemption.should_stop(accelerator)
-        if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or stop:
-            save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step,
-                            {"epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}, cfg.save_total_limit)
-        if stop:
-            logger.warning("preemption signal received: saved checkpoint-%d and stopping", step)
+        if checkpoint_or_stop(accelerator, preemption, model, tokenizer, cfg, step,
+                              {"epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}):
             if trace_file is not None:
                 trace_file.close()
+            for engine in engines.values():
+                engine.close()
             tracker.close()
             return
 
     # ----- final save and eval -----------------------------------------------------------------
     if trace_file is not None:
         trace_file.close()
+    ensure_finite_weights(accelerator, step, model)
     save_model(accelerator, model, tokenizer, Path(cfg.output_dir))
     if accelerator.is_main_process:
         logger.info("saved final model to %s", cfg.output_dir)

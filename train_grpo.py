@@ -44,7 +44,7 @@ from typing import Literal, Optional
 import torch
 
 from common.args import CommonArgs
-from common.config import ConfigError, config_to_dict, fail_fast, load_config, save_config, world_size_from_env
+from common.config import ConfigError, config_to_dict, fail_fast, load_config, world_size_from_env
 from common.logprobs import completion_logprobs, lm_head_logprobs_agree, rollout_batch
 from common.ops import masked_mean, masked_sum
 from common.rewards import combine_rewards
@@ -133,6 +133,19 @@ class Config(CommonArgs):
     rlt_answer_log_prob_coeff: list[float] = field(default_factory=lambda: [1.0, 0.01])
     rlt_kl_penalty_coeff: list[float] = field(default_factory=lambda: [3.0, 0.03])
     rlt_solution_column: str = "solution"
+
+    RANGES = {
+        "beta": "[0, inf)", "max_prompt_length": "[1, inf)",  # num_generations: validate() (null resolves first)
+        "max_completion_length": "[1, inf)", "temperature": "[0, inf)", "top_p": "(0, 1]", "top_k": "[1, inf)",
+        "min_p": "[0, 1]", "repetition_penalty": "(0, inf)", "vllm_gpu_memory_utilization": "(0, 1]",
+        "vllm_max_model_len": "[1, inf)", "ray_tensor_parallelism": "[1, inf)", "vllm_port": "[1, 65535]",
+        "reward_weights": "(-inf, inf)", "ref_model_sync_steps": "[1, inf)", "ref_model_mixup_alpha": "[0, 1]",
+        "logging_prob": "[0, 1]", "epsilon_low": "[0, 1)", "epsilon_high": "[0, inf)", "num_iterations": "[1, inf)",
+        "generation_batch_size": "[1, inf)", "eval_max_samples": "[1, inf)", "math_verify_timeout": "[1, inf)",
+    }
+    RESUME_MUST_MATCH = ("num_generations", "max_prompt_length", "max_completion_length", "loss_type", "beta",
+                         "epsilon_low", "epsilon_high", "num_iterations", "scale_rewards", "reward_funcs",
+                         "reward_weights", "temperature", "ref_model_name_or_path")
 
     def validate(self) -> None:
         super().validate()
@@ -406,12 +419,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ----- setup -----------------------------------------------------------------------------------------------------
     from accelerate.utils import gather_object, set_seed
 
-    from common.checkpoint import (PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path,
-                                   save_checkpoint, save_model)
+    from common.checkpoint import PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path, save_model
+    from common.loop import (SKIPPED, NonFiniteCounter, check_output_dir, checkpoint_or_stop, claim_output_dir,
+                             ensure_finite_weights, finite_sampling, optimizer_step, resumed_step, step_metrics)
     from common.data import load_train_eval, render_prompt
     from common.evaluation import build_reward_inputs, greedy_eval
     from common.logprobs import cache_argument, plain_lm_head
-    from common.models import load_causal_lm, load_tokenizer, prepare_frozen_model
+    from common.models import check_model_source, load_causal_lm, load_tokenizer, prepare_frozen_model
     from common.rewards import get_reward_factory
     from common.rollout import HFGenerateEngine, SamplingParams, make_engine, truncate_prompts, vllm_options
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
@@ -432,7 +446,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         if cfg.use_vllm_server or cfg.use_ray:   # checked here, not in validate(), so --print-config resolves them
             raise ConfigError("use_vllm_server / use_ray: the vLLM server backends are not available yet; set "
                               "use_vllm_server=false use_ray=false (use_vllm=true runs vLLM in the training processes)")
+        check_model_source("model_name_or_path", cfg.model_name_or_path)
+        if cfg.ref_model_name_or_path:
+            check_model_source("ref_model_name_or_path", cfg.ref_model_name_or_path)
         resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
+        check_output_dir(cfg, resume_path, accelerator.is_main_process)
         train_examples, eval_examples = load_train_eval(cfg)
         if len(train_examples) < prompts_per_step:
             raise ValueError(f"{len(train_examples)} training prompts, fewer than the {prompts_per_step} prompts per "
@@ -452,8 +470,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     rounds_per_epoch = len(train_examples) // prompts_per_step
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(
         1, math.ceil(rounds_per_epoch * cfg.num_train_epochs) * cfg.num_iterations)
-    if accelerator.is_main_process:
-        save_config(cfg, cfg.output_dir)
+    # locked, config.yaml written, stale metrics rows dropped; the lock is held until the process exits
+    run_dir = claim_output_dir(cfg, resume_path, resumed_step(resume_path), accelerator.is_main_process)
     logger.info("%d train prompts, %d eval, %d prompts x %d completions per step, %d steps", len(train_examples),
                 len(eval_examples), prompts_per_step, group, total_steps)
 
@@ -489,6 +507,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         logger.info("resumed from %s at step %d", resume_path, start_step)
     tracker = Tracker(cfg, accelerator.is_main_process, config_to_dict(cfg), total_steps, resume=start_step > 0)
     preemption = PreemptionFlag(cfg.output_dir, accelerator.is_main_process)
+    nonfinite = NonFiniteCounter(cfg.max_consecutive_nonfinite)
     if cfg.use_vllm:   # loaded from the policy's path, then synced with the training weights (resumed ones too)
         engine = make_engine("vllm", model_path=cfg.model_name_or_path, tokenizer=tokenizer, accelerator=accelerator,
                              **vllm_options(cfg, use_bf16))
@@ -575,7 +594,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 episodes = teacher.loop.run([train_examples[i] for i in local_indices], sampling, step)
                 rollouts = episodes.rollouts
             else:
-                rollouts = engine.generate([all_prompt_ids[i] for i in local_indices], sampling)  # prompts x G
+                with finite_sampling(accelerator, step, model):
+                    rollouts = engine.generate([all_prompt_ids[i] for i in local_indices], sampling)  # prompts x G
             generate_seconds = time.time() - step_start
             stale = sorted({r.weights_version for r in rollouts} - {weights_version})
             if stale:
@@ -683,10 +703,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             sums += torch.stack([loss.detach() * scale / accum, loss_metrics.get("kl", torch.zeros(())).detach(),
                                  loss_metrics["clip_ratio/low"], loss_metrics["clip_ratio/high"],
                                  loss_metrics["clip_ratio/region"]]).to(sums.device)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, sums[0], nonfinite,
+                                   step)
         sync_start = time.time()
         weights_version = engine.sync_weights(model, version=step)   # the next rollouts sample these weights
         metrics["time/weight_sync"] = time.time() - sync_start
@@ -700,7 +718,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "clip_ratio/low": totals[2].item() / len(micro_batches),
                         "clip_ratio/high": totals[3].item() / len(micro_batches),
                         "clip_ratio/region": totals[4].item() / len(micro_batches),
-                        "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                        **step_metrics(grad_norm, nonfinite),
                         "lr": scheduler.get_last_lr()[0], "time/train": time.time() - train_start,
                         "step_seconds": elapsed})
         if teacher is not None:
@@ -715,35 +733,33 @@ def main(argv: Optional[list[str]] = None) -> None:
                                 "rollout/logprob_diff_max": diff_max})
         if "tokens" in metrics:
             metrics["tokens_per_second"] = metrics.pop("tokens") / max(elapsed, 1e-9)
-        if step % cfg.logging_steps == 0 or step == total_steps:
+        if step % cfg.logging_steps == 0 or step == total_steps or grad_norm == SKIPPED:
             tracker.log(metrics, step)
         if cfg.do_eval and eval_examples and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step != total_steps:
             evaluate(step)
 
         # ----- checkpoint ------------------------------------------------------------------------------------------
-        stop = preemption.should_stop(accelerator)
-        if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or stop:
-            extra = {"ref_model": reference} if reference is not None and cfg.sync_ref_model else None
-            save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step,
-                            {"generation_round": step // cfg.num_iterations}, cfg.save_total_limit, extra_models=extra)
-        if stop:
-            logger.warning("preemption signal received: saved checkpoint-%d and stopping", step)
+        extra = {"ref_model": reference} if reference is not None and cfg.sync_ref_model else None
+        if checkpoint_or_stop(accelerator, preemption, model, tokenizer, cfg, step,
+                              {"generation_round": step // cfg.num_iterations}, extra_models=extra):
+            engine.close()
             tracker.close()
             return
 
     # ----- final save and eval ---------------------------------------------------------------------------------------
+    ensure_finite_weights(accelerator, step, model)
     save_model(accelerator, model, tokenizer, Path(cfg.output_dir))
     if cfg.push_to_hub:
         push_final_model(accelerator, cfg.output_dir, cfg.hub_model_id)
     if cfg.do_eval and eval_examples:
         final_eval = evaluate(step)
         if accelerator.is_main_process and teacher is not None:
-            rows = ([("start", start_eval)] if start_eval else []) + [(f"GRPO ({cfg.output_dir})", final_eval)]
+            rows = ([("start", start_eval)] if start_eval else []) + [(f"GRPO ({cfg.output_dir}, step {step})", final_eval)]
             print(format_teacher_table(rows), flush=True)
         elif accelerator.is_main_process:
-            from common.evaluation import format_accuracy_table
-            rows = ([(f"start ({cfg.model_name_or_path})", start_eval)] if start_eval else []) + [
-                (f"GRPO ({cfg.output_dir})", final_eval)]
+            from common.evaluation import format_accuracy_table, start_rows
+            rows = start_rows(cfg.output_dir, cfg.model_name_or_path, start_step, start_eval) + [
+                (f"GRPO ({cfg.output_dir}, step {step})", final_eval)]
             print(format_accuracy_table(rows), flush=True)
     engine.close()
     tracker.close()

@@ -15,7 +15,6 @@ Launch:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from common.args import CommonArgs
-from common.config import ConfigError, config_to_dict, fail_fast, load_config, save_config
+from common.config import ConfigError, config_to_dict, fail_fast, load_config
 from common.tracking import setup_logging
-from common.data import IGNORE_INDEX, collate_sft, load_train_eval, pack_examples, tokenize_example
+from common.data import (IGNORE_INDEX, check_row_lengths, collate_sft, load_train_eval, pack_examples,
+                         tokenize_example)
 
 logger = logging.getLogger("train_sft")
 
@@ -48,10 +48,11 @@ class Config(CommonArgs):
     eval_generation_samples: int = 256
     eval_max_new_tokens: int = 64
 
+    RANGES = {"max_seq_length": "[2, inf)", "eval_generation_samples": "[1, inf)", "eval_max_new_tokens": "[1, inf)"}
+    RESUME_MUST_MATCH = ("max_seq_length", "packing")
+
     def validate(self) -> None:
         super().validate()
-        if self.max_seq_length < 2:
-            raise ConfigError(f"key 'max_seq_length' = {self.max_seq_length}: expected >= 2")
         if self.eval_generation_reward:
             from common.rewards import REWARD_REGISTRY
             if self.eval_generation_reward not in REWARD_REGISTRY:
@@ -94,9 +95,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ----- setup -----------------------------------------------------------------------------------------------------
     from accelerate.utils import set_seed
 
-    from common.checkpoint import (PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path,
-                                   save_checkpoint, save_model)
-    from common.models import count_parameters, load_causal_lm, load_tokenizer
+    from common.checkpoint import PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path, save_model
+    from common.loop import (SKIPPED, NonFiniteCounter, check_output_dir, checkpoint_or_stop, claim_output_dir,
+                             ensure_finite_weights, optimizer_step, resumed_step, step_metrics)
+    from common.models import check_model_source, count_parameters, load_causal_lm, load_tokenizer
     from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
                                 shard, total_optimizer_steps)
     from common.tracking import Tracker
@@ -108,20 +110,27 @@ def main(argv: Optional[list[str]] = None) -> None:
     # ----- data (before models: bad data fails fast) -----------------------------------------------------------------
     with fail_fast():
         resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
+        check_output_dir(cfg, resume_path, accelerator.is_main_process)
         train_examples, eval_examples = load_train_eval(cfg)
+        check_model_source("model_name_or_path", cfg.model_name_or_path)
         tokenizer = load_tokenizer(cfg)
         tokenize = lambda e: tokenize_example(e, tokenizer, cfg.max_seq_length, cfg.completion_only_training)
         train_rows = [tokenize(e) for e in train_examples]
         eval_rows = [tokenize(e) for e in eval_examples] if cfg.do_eval else []
+        num_cut, num_without_target = check_row_lengths(train_rows, cfg.max_seq_length)
         if cfg.packing:
             train_rows = pack_examples(train_rows, cfg.max_seq_length)
         if len(train_rows) < cfg.train_batch_size:
             raise ValueError(f"{len(train_rows)} training rows (after packing={cfg.packing}) is fewer than "
                              f"train_batch_size={cfg.train_batch_size}")
+    if num_cut:
+        logger.warning("%d of %d training rows reach max_seq_length=%d and are cut there (%d of them keep no "
+                       "completion token and add nothing to the loss)", num_cut, len(train_examples),
+                       cfg.max_seq_length, num_without_target)
     total_steps = total_optimizer_steps(cfg, len(train_rows))
     steps_per_epoch = len(train_rows) // cfg.train_batch_size
-    if accelerator.is_main_process:
-        save_config(cfg, cfg.output_dir)
+    # locked, config.yaml written, stale metrics rows dropped; the lock is held until the process exits
+    run_dir = claim_output_dir(cfg, resume_path, resumed_step(resume_path), accelerator.is_main_process)
     logger.info("%d train rows, %d eval examples, %d optimizer steps (%d per epoch)", len(train_rows),
                 len(eval_examples), total_steps, steps_per_epoch)
 
@@ -143,6 +152,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     tracker = Tracker(cfg, accelerator.is_main_process, config_to_dict(cfg), total_steps, resume=start_step > 0)
     preemption = PreemptionFlag(cfg.output_dir, accelerator.is_main_process)
     accum = cfg.gradient_accumulation_steps
+    nonfinite = NonFiniteCounter(cfg.max_consecutive_nonfinite)
 
     def evaluate() -> dict:
         model.eval()
@@ -188,19 +198,17 @@ def main(argv: Optional[list[str]] = None) -> None:
                 accelerator.backward(loss)
             step_nll += nll_sum.detach()
             step_correct += num_correct
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step_nll, nonfinite,
+                                   step)
 
         # ----- log -------------------------------------------------------------------------------------------------
-        if step % cfg.logging_steps == 0 or step == total_steps:
+        if step % cfg.logging_steps == 0 or step == total_steps or grad_norm == SKIPPED:
             totals = accelerator.reduce(torch.stack([step_nll, step_correct]), reduction="sum")
             global_input = accelerator.reduce(torch.tensor(float(input_tokens), device=accelerator.device), "sum")
             elapsed = time.time() - step_start
             tracker.log({"loss": (totals[0] / global_tokens.clamp(min=1)).item(),
                          "token_accuracy": (totals[1] / global_tokens.clamp(min=1)).item(),
-                         "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                         **step_metrics(grad_norm, nonfinite),
                          "lr": scheduler.get_last_lr()[0], "epoch": epoch + batch_in_epoch / steps_per_epoch,
                          "tokens_per_second": global_input.item() / max(elapsed, 1e-9),
                          "step_seconds": elapsed}, step)
@@ -208,16 +216,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             tracker.log(evaluate(), step)
 
         # ----- checkpoint ------------------------------------------------------------------------------------------
-        stop = preemption.should_stop(accelerator)
-        if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or stop:
-            save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step,
-                            {"epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}, cfg.save_total_limit)
-        if stop:
-            logger.warning("preemption signal received: saved checkpoint-%d and stopping", step)
+        if checkpoint_or_stop(accelerator, preemption, model, tokenizer, cfg, step,
+                              {"epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}):
             tracker.close()
             return
 
     # ----- final save and eval ---------------------------------------------------------------------------------------
+    ensure_finite_weights(accelerator, step, model)
     save_model(accelerator, model, tokenizer, Path(cfg.output_dir))
     if accelerator.is_main_process:
         logger.info("saved final model to %s", cfg.output_dir)

@@ -55,6 +55,7 @@ class DataArgs:
 @dataclass
 class TrainerArgs:
     output_dir: str = "outputs/run"
+    overwrite_output_dir: bool = False                      # a new run may replace another run's checkpoints/metrics
     run_name: Optional[str] = None
     seed: int = 42
     max_steps: int = 450                                    # > 0 wins over num_train_epochs
@@ -69,7 +70,8 @@ class TrainerArgs:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0                              # 0 = no clipping (the norm is still measured)
+    max_consecutive_nonfinite: int = 3                      # NaN/inf steps in a row (each skipped) before the run stops
     lr_scheduler_type: Literal["cosine", "constant", "linear"] = "cosine"
     warmup_ratio: float = 0.03
     bf16: bool = True                                       # used only where the hardware supports it
@@ -79,7 +81,7 @@ class TrainerArgs:
     eval_steps: int = 100
     logging_steps: int = 1
     save_steps: int = 500
-    save_total_limit: Optional[int] = 2
+    save_total_limit: Optional[int] = 2                     # null = keep every checkpoint
     resume_from_checkpoint: Optional[str] = None            # a checkpoint path or "latest"
     report_to: list[str] = field(default_factory=list)      # wandb, tensorboard; console and JSONL always
     wandb_project: Optional[str] = None
@@ -92,15 +94,27 @@ class TrainerArgs:
 class CommonArgs(TrainerArgs, DataArgs, ModelArgs):
     """Base of every script's Config."""
 
+    # Checked by common/config.py before anything loads; null passes where the type allows it.
+    RANGES = {
+        "lora.r": "[1, inf)", "lora.alpha": "(0, inf)", "lora.dropout": "[0, 1)",
+        "dataset_max_samples": "[1, inf)", "eval_split_ratio": "[0, 1)",
+        "seed": "[0, 4294967295]", "max_steps": "[-1, inf)", "num_train_epochs": "[0, inf)",
+        "train_batch_size": "[1, inf)", "per_device_train_batch_size": "[1, inf)",
+        "gradient_accumulation_steps": "[1, inf)", "per_device_eval_batch_size": "[1, inf)",
+        "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)",
+        "adam_epsilon": "(0, inf)", "max_grad_norm": "[0, inf)", "max_consecutive_nonfinite": "[1, inf)",
+        "warmup_ratio": "[0, 1]", "ddp_timeout": "[1, inf)", "eval_steps": "[1, inf) if do_eval",
+        "logging_steps": "[1, inf)", "save_steps": "[0, inf)", "save_total_limit": "[1, inf)",
+    }
+    # A resume refuses a checkpoint trained with other values of these (each script adds its algorithm's keys).
+    RESUME_MUST_MATCH = ("model_name_or_path", "use_peft", "lora", "train_batch_size", "seed", "dataset_id_or_path",
+                         "make_dataset_fn", "completion_only_training")
+
     def validate(self) -> None:
         """Checks that need no model; scripts extend this with their own."""
         from common.config import ConfigError
         if self.model_name_or_path is None:
             raise ConfigError("key 'model_name_or_path' is required (set it in a model preset or on the command line)")
-        if not 0 <= self.eval_split_ratio < 1:
-            raise ConfigError(f"key 'eval_split_ratio' = {self.eval_split_ratio}: expected a value in [0, 1)")
-        if not 0 <= self.warmup_ratio <= 1:
-            raise ConfigError(f"key 'warmup_ratio' = {self.warmup_ratio}: expected a value in [0, 1]")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
         if self.push_to_hub and not self.hub_model_id:

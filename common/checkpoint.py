@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -107,6 +108,20 @@ def load_checkpoint(accelerator, path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
+_IMPORTED_AT = time.time()
+
+
+def process_start_time() -> float:
+    """When this process started (Linux /proc; elsewhere: when this module was imported)."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(after_name[19])  # field 22, starttime, in clock ticks since boot
+        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED_AT
+
+
 class PreemptionFlag:
     """Stop cleanly at the next step boundary: save a checkpoint, then exit.
 
@@ -118,8 +133,8 @@ class PreemptionFlag:
     def __init__(self, output_dir: str, is_main: bool, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.requested = False
         self.stop_file = Path(output_dir) / "STOP"
-        if is_main and self.stop_file.exists():
-            self.stop_file.unlink()  # left over from the run this one resumes
+        if is_main and self.stop_file.exists() and self.stop_file.stat().st_mtime < process_start_time():
+            self.stop_file.unlink()  # left over from the run this one resumes; one written since is honoured
         for sig in signals:
             try:
                 signal.signal(sig, self._handle)
@@ -144,4 +159,4 @@ def push_final_model(accelerator, output_dir: str, repo_id: str) -> None:
     api = HfApi()
     api.create_repo(repo_id, exist_ok=True, private=True)
     api.upload_folder(repo_id=repo_id, folder_path=output_dir,
-                      ignore_patterns=["checkpoint-*", "*.tmp", "wandb/*", "tensorboard/*", "STOP"])
+                      ignore_patterns=["checkpoint-*", "*.tmp", "wandb/*", "tensorboard/*", "STOP", ".lock"])

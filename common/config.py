@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -33,6 +34,12 @@ GLOBALS_FILE = CONFIG_DIR / "train.yaml"
 COMMAND_LINE = "the command line"
 SECRET_KEY_PATTERN = re.compile(r"(api_?key|secret|password|(^|_)token)$", re.IGNORECASE)
 _INTERPOLATION = re.compile(r"\$\{([^${}]+)\}")
+# credentials inside URLs: `scheme://user:SECRET@host`, and secret-looking query parameters `?api-key=SECRET`
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@:\s]*:)(?P<secret>[^/@\s]+)@", re.IGNORECASE)
+_SECRET_QUERY = re.compile(r"(?P<head>[?&](?:api[-_]?key|key|token|access[-_]?token|secret|password|sig|signature)=)"
+                           r"(?P<secret>[^&#\s]+)", re.IGNORECASE)
+_ENV_VALUES: set[str] = set()   # values read through ${env:...} in this process; never written anywhere
+_MIN_ENV_VALUE = 6              # shorter values ("1", "true") are too common to hide by value
 
 
 class ConfigError(ValueError):
@@ -166,6 +173,8 @@ def interpolate(merged: dict, sources: dict) -> set[str]:
             name, _, default = ref[4:].partition(",")
             env_keys.add(key)
             if name.strip() in os.environ:
+                if len(os.environ[name.strip()]) >= _MIN_ENV_VALUE:
+                    _ENV_VALUES.add(os.environ[name.strip()])
                 return os.environ[name.strip()]
             if default:
                 return yaml.safe_load(default.strip())
@@ -279,6 +288,63 @@ def _build(cls: type, values: dict, sources: dict, prefix: str = "") -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Ranges: each Config class may declare `RANGES = {"key": "[1, inf)", "lora.r": "[1, inf)", ...}`; the tables of a
+# class and its bases are merged. "[a, b]" / "(a, b)" are closed / open ends; "inf" is unbounded (and never
+# reached: an open end). A trailing "if other_key" applies the range only when other_key is true. null passes
+# (the type says whether null is allowed); a list is checked item by item; NaN never passes.
+# ---------------------------------------------------------------------------------------------------------------------
+
+_RANGE = re.compile(r"^([\[(])\s*([-+\w.]+)\s*,\s*([-+\w.]+)\s*([\])])(?:\s+if\s+([\w.]+))?$")
+
+
+def parse_range(text: str) -> tuple[float, float, bool, bool, Optional[str]]:
+    """"[1, inf) if do_eval" -> (low, high, low_closed, high_closed, condition key)."""
+    match = _RANGE.match(text.strip())
+    if not match:
+        raise ValueError(f"malformed range {text!r}: expected e.g. '[0, 1)' or '(0, inf) if key'")
+    left, low, high, right, condition = match.groups()
+    return float(low), float(high), left == "[", right == "]", condition
+
+
+def class_ranges(cls: type) -> dict[str, str]:
+    ranges: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        ranges.update(vars(klass).get("RANGES", {}))
+    return ranges
+
+
+def _in_range(value: float, low: float, high: float, low_closed: bool, high_closed: bool) -> bool:
+    above = value >= low if low_closed else value > low
+    below = value <= high if high_closed else value < high
+    return bool(above and below)  # NaN: both False
+
+
+def _dotted_get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_ranges(cfg: Any, sources: Optional[dict] = None) -> None:
+    """Every ranged key of `cfg` inside its range, or one ConfigError naming the key, its value and the range."""
+    for key, text in class_ranges(type(cfg)).items():
+        low, high, low_closed, high_closed, condition = parse_range(text)
+        if condition and not _dotted_get(cfg, condition):
+            continue
+        value = _dotted_get(cfg, key)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is None or _in_range(float(item), low, high, low_closed, high_closed):
+                continue
+            where = (sources or {}).get(key, (sources or {}).get(key.split(".")[0], ""))
+            kind = "an integer" if isinstance(item, int) else "a number"
+            interval = text.split(" if ")[0].strip()
+            when = f" when {condition} is true" if condition else ""
+            raise ConfigError(f"{where + ': ' if where else ''}key '{key}' = {value!r}: expected {kind} in "
+                              f"{interval}{when}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Batch math
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -317,6 +383,18 @@ def resolve_batch_sizes(cfg: Any, num_processes: int) -> None:
                           f"to null to have it computed")
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # `name` or `org/name`, as `from_pretrained` accepts it
+
+
+def is_missing_local_path(value: str) -> bool:
+    """True when `value` does not exist and cannot be a hub id: a mistyped local path (fail here, not at the hub)."""
+    if Path(value).expanduser().exists():
+        return False
+    first = value.split("/")[0]
+    return (value.startswith(("/", ".", "~")) or value.count("/") > 1 or not _HUB_ID.fullmatch(value)
+            or (value.count("/") == 1 and Path(first).is_dir()))
+
+
 def world_size_from_env() -> int:
     """Number of processes as launchers (accelerate, torchrun, SLURM via accelerate) announce it."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -344,7 +422,19 @@ def instantiate(spec: dict, *args: Any, key: str = "_target_", **extra: Any) -> 
     if "_target_" not in spec:
         raise ConfigError(f"key '{key}' needs a `_target_: module.function` entry")
     kwargs = {k: v for k, v in spec.items() if k != "_target_"}
-    return import_target(spec["_target_"], f"{key}._target_")(*args, **kwargs, **extra)
+    target = import_target(spec["_target_"], f"{key}._target_")
+    try:
+        inspect.signature(target).bind(*args, **kwargs, **extra)
+    except TypeError as err:  # an unknown or missing keyword: name the block, not a Python traceback
+        try:
+            takes = ", ".join(p for p in inspect.signature(target).parameters if p not in ("self", "cfg"))
+        except (TypeError, ValueError):
+            takes = "?"
+        raise ConfigError(f"key '{key}': {spec['_target_']} cannot be called with {sorted(kwargs)} ({err}); it "
+                          f"takes: {takes}") from None
+    except ValueError:  # no signature to check (a builtin): call it as given
+        pass
+    return target(*args, **kwargs, **extra)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -385,6 +475,7 @@ def load_config(cls: type, argv: Optional[list[str]] = None, description: str = 
     cfg = _build(cls, merged, sources)
     cfg._env_keys = env_keys  # keys never written back with their values
     cfg._config_path = args.config
+    check_ranges(cfg, sources)
     resolve_batch_sizes(cfg, world_size_from_env())
     if hasattr(cfg, "validate"):
         cfg.validate()
@@ -408,28 +499,37 @@ def describe_keys(cls: type) -> str:
     return "\n".join(lines)
 
 
+def redact_text(text: str) -> str:
+    """A string with environment-read values, URL passwords and secret query parameters replaced."""
+    for value in sorted(_ENV_VALUES, key=len, reverse=True):
+        text = text.replace(value, "<from environment>")
+    text = _URL_PASSWORD.sub(lambda m: m["head"] + "<redacted>@", text)
+    return _SECRET_QUERY.sub(lambda m: m["head"] + "<redacted>", text)
+
+
+def redact(node: Any, env_keys: frozenset | set = frozenset(), prefix: str = "") -> Any:
+    """The one redaction for every config-like file we write (config.yaml, reward_system.yaml, checkpoint state):
+    keys read from the environment and secret-looking keys lose their values, and every string goes through
+    `redact_text`."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            dotted = f"{prefix}{k}"
+            if dotted in env_keys:
+                out[k] = "<from environment>"
+            elif SECRET_KEY_PATTERN.search(str(k)) and v not in (None, "") and not str(k).endswith("_env"):
+                out[k] = "<redacted>"
+            else:
+                out[k] = redact(v, env_keys, dotted + ".")
+        return out
+    if isinstance(node, (list, tuple)):
+        return [redact(v, env_keys, prefix) for v in node]
+    return redact_text(node) if isinstance(node, str) else node
+
+
 def config_to_dict(cfg: Any) -> dict:
     """The config as plain data, with environment-derived and secret-looking values left out."""
-    data = dataclasses.asdict(cfg)
-    env_keys = getattr(cfg, "_env_keys", set())
-
-    def scrub(node: Any, prefix: str) -> Any:
-        if isinstance(node, dict):
-            out = {}
-            for k, v in node.items():
-                dotted = f"{prefix}{k}"
-                if dotted in env_keys:
-                    out[k] = "<from environment>"
-                elif SECRET_KEY_PATTERN.search(str(k)) and v not in (None, "") and not str(k).endswith("_env"):
-                    out[k] = "<redacted>"
-                else:
-                    out[k] = scrub(v, dotted + ".")
-            return out
-        if isinstance(node, list):
-            return [scrub(v, prefix) for v in node]
-        return node
-
-    return scrub(data, "")
+    return redact(dataclasses.asdict(cfg), getattr(cfg, "_env_keys", set()))
 
 
 def dump_config(cfg: Any) -> str:
@@ -465,5 +565,5 @@ def redact_argv(argv: list[str]) -> list[str]:
     for arg in argv:
         key, sep, _ = arg.partition("=")
         last = key.lstrip("+").split(".")[-1]
-        redacted.append(f"{key}=<redacted>" if sep and SECRET_KEY_PATTERN.search(last) else arg)
+        redacted.append(f"{key}=<redacted>" if sep and SECRET_KEY_PATTERN.search(last) else redact_text(arg))
     return redacted

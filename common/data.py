@@ -86,6 +86,8 @@ def _read_json_file(path: Path) -> Iterator[tuple[int, dict]]:
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
     for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: item {index + 1} of the list: expected a JSON object, got {type(row).__name__}")
         yield index + 1, row
 
 
@@ -101,6 +103,10 @@ def load_rows(cfg) -> Iterator[tuple[str, dict]]:
         return
     if source.endswith((".jsonl", ".json", ".gz", ".xz")):
         raise FileNotFoundError(f"dataset file not found: {source} (key 'dataset_id_or_path')")
+    from common.config import is_missing_local_path
+    if is_missing_local_path(source):
+        raise FileNotFoundError(f"key 'dataset_id_or_path' = {source!r}: no such local file or directory (and not "
+                                f"a hub id `org/name`)")
     import datasets  # hub ids and dataset directories
 
     dataset = datasets.load_dataset(source, name=cfg.dataset_config, split=cfg.dataset_split)
@@ -125,15 +131,27 @@ def row_to_example(row: dict, location: str, system_prompt: Optional[str] = None
         if messages[-1].get("role") != "assistant":
             raise ValueError(f"{location}: the last message must be the assistant's (the training target), "
                              f"got role {messages[-1].get('role')!r}")
-        prompt, completion = [dict(m) for m in messages[:-1]], str(messages[-1].get("content", ""))
+        prompt, completion = [dict(m) for m in messages[:-1]], str(messages[-1].get("content") or "")
+        if not completion.strip():
+            raise ValueError(f"{location}: the assistant message (the training target) is empty")
         used.add("messages")
     else:
         prompt_key, prompt_value = _first_present(row, PROMPT_FIELDS)
         if prompt_key is None:
             raise ValueError(f"{location}: no prompt: expected `messages` or one of {', '.join(PROMPT_FIELDS)}; "
                              f"row has {', '.join(sorted(row)) or 'no fields'}")
+        if isinstance(prompt_value, list):
+            if not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt_value):
+                raise ValueError(f"{location}: `{prompt_key}` is a list, so it must be chat messages "
+                                 f"({{role, content}} objects); got {prompt_value!r:.80}")
+        elif not isinstance(prompt_value, (str, int, float)) or isinstance(prompt_value, bool):
+            raise ValueError(f"{location}: `{prompt_key}` must be text or a list of {{role, content}} messages, got "
+                             f"{type(prompt_value).__name__}")
         prompt = prompt_value if isinstance(prompt_value, list) else [{"role": "user", "content": str(prompt_value)}]
         completion_key, completion = _first_present(row, COMPLETION_FIELDS)
+        blank = [k for k in COMPLETION_FIELDS if isinstance(row.get(k), str) and not row[k].strip()]
+        if blank and (completion_key is None or completion_key in blank):
+            raise ValueError(f"{location}: `{blank[0]}` is empty (a completion is the training target)")
         if isinstance(completion, list):  # conversational completion: [{"role": "assistant", ...}]
             completion = "".join(str(m.get("content", "")) for m in completion)
         used.update(k for k in (prompt_key, completion_key) if k)
@@ -319,6 +337,17 @@ def tokenize_example(example: Example, tokenizer, max_seq_length: int, completio
     if completion_only:
         labels[: min(len(prompt_ids), len(labels))] = [IGNORE_INDEX] * min(len(prompt_ids), len(labels))
     return {"input_ids": input_ids, "labels": labels}
+
+
+def check_row_lengths(rows: list[dict], max_seq_length: int) -> tuple[int, int]:
+    """Tokenized rows against max_seq_length -> (rows cut there, rows left without a target token).
+
+    Raises when no row keeps a target token (every step's loss would be 0)."""
+    no_target = sum(1 for r in rows if all(label == IGNORE_INDEX for label in r["labels"][1:]))
+    if rows and no_target == len(rows):
+        raise ValueError(f"none of the {len(rows)} training rows keeps a completion token within max_seq_length="
+                         f"{max_seq_length}: every prompt is that long or longer; raise max_seq_length")
+    return sum(1 for r in rows if len(r["input_ids"]) >= max_seq_length), no_target
 
 
 def pack_examples(tokenized: list[dict], max_seq_length: int) -> list[dict]:

@@ -41,6 +41,26 @@ def greedy_eval(accelerator, model, tokenizer, examples: list[Example], reward_f
             "num_scored": len(scored), "examples": rows[:5]}
 
 
+def start_rows(output_dir: str, model_name: str, start_step: int, start_eval: Optional[dict]) -> list[tuple[str, dict]]:
+    """The "before" rows of a before/after table, labelled by what was evaluated. After a resume, the true start's
+    numbers are read back from metrics.jsonl (its step-0 eval row), and the resumed checkpoint's eval is its own row."""
+    import json
+    from pathlib import Path
+
+    rows = []
+    if start_step > 0:
+        path = Path(output_dir) / "metrics.jsonl"
+        first = next((r for r in map(json.loads, path.read_text().splitlines() if path.is_file() else [])
+                      if r.get("step") == 0 and isinstance(r.get("eval/reward"), float)), None)
+        if first is not None:
+            rows.append((f"start ({model_name}; from metrics.jsonl)",
+                         {"accuracy": first["eval/reward"], "num_scored": first.get("eval/num_samples", "?")}))
+    if start_eval is not None:
+        rows.append((f"start ({model_name})" if start_step == 0 else f"resumed checkpoint (step {start_step})",
+                     start_eval))
+    return rows
+
+
 def format_accuracy_table(rows: list[tuple[str, dict]]) -> str:
     """[(label, greedy_eval result)] -> a small Markdown table."""
     lines = ["| model | held-out greedy accuracy | samples |", "|---|---|---|"]

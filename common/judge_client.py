@@ -20,6 +20,7 @@ import atexit
 import gc
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -176,6 +177,10 @@ def _close_pools() -> None:
 # Child side
 # =============================================================================================
 def _serve(fd: int) -> None:
+    # A whole-job signal (SLURM preemption, scancel) reaches this process too; the trainer still needs it until
+    # its checkpoint at the step boundary, so it ignores them and exits when the trainer's socket closes.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     conn = Connection(fd)
     import_litellm()
     import openai

@@ -588,13 +588,15 @@ class RIMReward:
         if key_env and not os.environ.get(key_env):
             raise ValueError(f"{self.source}: models.api_key_env names {key_env!r}, which is not set in the environment")
         self.cache = None
+        self._cache_path = None
         if self.config.cache:
             if cache_path is None and output_dir is None:
                 raise ValueError(f"{self.source}: cache is on but there is no cache path: "
                                  "give cache_path (teacher_reward.cache_path) or output_dir, or set cache: false")
-            self.cache = ReplyCache(cache_path or Path(output_dir) / "judge_cache.sqlite")
-        if output_dir is not None:
-            self._save_config(Path(output_dir))
+            self._cache_path = cache_path or Path(output_dir) / "judge_cache.sqlite"
+        # the cache and reward_system.yaml are written at the first score(): a run whose later start-up checks
+        # fail leaves nothing in output_dir
+        self._unsaved_output_dir = Path(output_dir) if output_dir is not None else None
         self._window = _Window()
         self._bad_steps = 0
         self._semaphore: Optional[asyncio.Semaphore] = None
@@ -610,6 +612,11 @@ class RIMReward:
         """Score one batch (one training step); raises JudgeFailureError per `failure_stop`."""
         # math-verify's timeout needs the main thread: check leaks here, before the event loop.
         leaks = [self._answer_leaked(t) for t in trajectories]
+        if self._cache_path is not None and self.cache is None:
+            self.cache = ReplyCache(self._cache_path)
+        if self._unsaved_output_dir is not None:
+            self._save_config(self._unsaved_output_dir)
+            self._unsaved_output_dir = None
         step = _Window()
         try:
             results = _judge_loop().run(self._score_batch(trajectories, leaks, step))
@@ -783,12 +790,13 @@ class RIMReward:
     def _save_config(self, output_dir: Path) -> None:
         import yaml
 
+        from common.config import redact
         output_dir.mkdir(parents=True, exist_ok=True)
         target = output_dir / "reward_system.yaml"
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         run = ", ".join(f"{k}: {v}" for k, v in self.run_models.items() if v is not None)
         header = f"# resolved from {self.source}\n" + (f"# judging a run with {run}\n" if run else "")
-        tmp.write_text(header + yaml.safe_dump(reward_system_dict(self.config), sort_keys=False))
+        tmp.write_text(header + yaml.safe_dump(redact(reward_system_dict(self.config)), sort_keys=False))
         tmp.replace(target)
 
 

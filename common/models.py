@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,25 @@ def resolve_attn_implementation(requested: Optional[str]) -> Optional[str]:
                            "(requirements-gpu.txt); using sdpa instead")
             return "sdpa"
     return requested
+
+
+def check_model_source(key: str, value: str) -> None:
+    """A local model directory must exist; anything else must look like a hub id (and, offline, be cached)."""
+    path = Path(value).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"key '{key}' = {value!r}: {path} has no config.json; expected a model "
+                                    "directory saved with save_pretrained")
+        return
+    from common.config import is_missing_local_path
+    if is_missing_local_path(value):
+        raise FileNotFoundError(f"key '{key}' = {value!r}: no such local model directory (and not a hub id "
+                                "`org/name`)")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(value, "config.json"), str):
+            raise FileNotFoundError(f"key '{key}' = {value!r}: not a local directory, and HF_HUB_OFFLINE is set "
+                                    "but the hub model is not in the local cache")
 
 
 def load_tokenizer(cfg, name_or_path: Optional[str] = None):

@@ -17,7 +17,6 @@ the ground truth (`common.rewards.answer_leaked`) is capped at `teaching_leak_ca
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 from common.rewards import RewardInput, answer_leaked

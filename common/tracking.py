@@ -13,7 +13,7 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else value
+        return str(value)  # "nan" / "inf" / "-inf": JSON has no such numbers, and null would hide them
     return value
 
 
@@ -52,10 +52,11 @@ class Tracker:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._metrics_file.write(json.dumps(row) + "\n")
         self._metrics_file.flush()
+        numbers = {"step": step, **{k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}}
         if self._wandb is not None:
-            self._wandb.log(row, step=step)
+            self._wandb.log(numbers, step=step)
         if self._tensorboard is not None:
-            for key, value in row.items():
+            for key, value in numbers.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self._tensorboard.add_scalar(key, value, step)
         self._print_progress(row, step)
@@ -72,6 +73,10 @@ class Tracker:
             if row.get(key) is not None:
                 value = row[key]
                 shown.append(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}")
+        if row.get("step_skipped"):
+            shown.append("optimizer step SKIPPED (non-finite)")
+        if row.get("nonfinite_steps"):
+            shown.append(f"nonfinite_steps {row['nonfinite_steps']}")
         shown.append(f"eta {time.strftime('%H:%M:%S', time.gmtime(max(eta, 0)))}")
         print(" | ".join(shown), file=sys.stderr, flush=True)
 

@@ -8,6 +8,7 @@ export WANDB_MODE=${WANDB_MODE:-disabled} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python scripts/make_tiny_model.py --output tiny_models/llama-tiny
 python scripts/make_tiny_model.py --output tiny_models/llama-tiny-student --hidden-size 64 --layers 2
-python train_sft.py --config configs/recipe/quickstart_sft.yaml
-python train_grpo.py --config configs/recipe/quickstart_grpo.yaml
-python train_gkd.py --config configs/recipe/quickstart_gkd.yaml
+# a re-run replaces the previous quickstart's outputs (a training run refuses that unless told to)
+python train_sft.py --config configs/recipe/quickstart_sft.yaml overwrite_output_dir=true
+python train_grpo.py --config configs/recipe/quickstart_grpo.yaml overwrite_output_dir=true
+python train_gkd.py --config configs/recipe/quickstart_gkd.yaml overwrite_output_dir=true
