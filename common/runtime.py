@@ -65,6 +65,8 @@ def _refuse_unsynchronised_processes(accelerator) -> None:
     wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if world > 1 and (kind == DistributedType.NO or (wants_fsdp and kind != DistributedType.FSDP)):
         got = "no distributed training" if kind == DistributedType.NO else f"{kind.value}, not FSDP"
+        if os.environ.get("RANK", "0") != "0":   # one line, from rank 0: interleaved writes garble it
+            sys.exit(2)
         print(f"error: {world} processes were launched{' with FSDP' if wants_fsdp else ''} but accelerate set up "
               f"{got} on this machine (device {accelerator.device.type}); accelerate's FSDP needs CUDA GPUs. On CPU use "
               f"accelerate_configs/cpu_2proc.yaml (DDP over gloo) or a DeepSpeed ZeRO config", file=sys.stderr,
