@@ -94,7 +94,8 @@ class Config(CommonArgs):
     RANGES = {
         "temperature": "(0, inf)", "max_new_tokens": "[1, inf)",  # lmbda, beta: check_gkd_hyperparameters
         "max_seq_length": "[2, inf)", "generation_batch_size": "[1, inf)", "eval_generation_samples": "[1, inf)",
-        "eval_max_new_tokens": "[1, inf)",
+        "eval_max_new_tokens": "[1, inf)", "vllm_gpu_memory_utilization": "(0, 1]", "vllm_max_model_len": "[1, inf)",
+        "vllm_tensor_parallel_size": "[1, inf)", "vllm_sync_group_mb": "(0, inf)",
     }
     RESUME_MUST_MATCH = ("teacher_model_name_or_path", "lmbda", "beta", "temperature", "seq_kd", "max_new_tokens",
                          "max_seq_length")

@@ -142,6 +142,11 @@ class Config(CommonArgs):
         "reward_weights": "(-inf, inf)", "ref_model_sync_steps": "[1, inf)", "ref_model_mixup_alpha": "[0, 1]",
         "logging_prob": "[0, 1]", "epsilon_low": "[0, 1)", "epsilon_high": "[0, inf)", "num_iterations": "[1, inf)",
         "generation_batch_size": "[1, inf)", "eval_max_samples": "[1, inf)", "math_verify_timeout": "[1, inf)",
+        "vllm_tensor_parallel_size": "[1, inf)", "vllm_sync_group_mb": "(0, inf)",
+        # teacher GRPO
+        "max_probe_tokens": "[1, inf)", "teaching_partial_credit": "[0, 1]", "teaching_degradation_penalty": "(-inf, 0]",
+        "teaching_efficiency_bonus": "[0, inf)", "teaching_leak_cap": "(-inf, inf)", "rlt_temperature": "(0, inf)",
+        "rlt_answer_log_prob_coeff": "[0, inf)", "rlt_kl_penalty_coeff": "[0, inf)",
     }
     RESUME_MUST_MATCH = ("num_generations", "max_prompt_length", "max_completion_length", "loss_type", "beta",
                          "epsilon_low", "epsilon_high", "num_iterations", "scale_rewards", "reward_funcs",
