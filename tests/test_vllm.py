@@ -332,7 +332,7 @@ def test_grpo_with_vllm_learns_and_its_logprobs_match_the_trainers(model_dirs, t
                          r"format_pattern=\d.*", "max_completion_length=4", "train_batch_size=64",
                          "per_device_train_batch_size=32", "num_generations=8", "learning_rate=5e-3",
                          "temperature=0.9", "max_steps=20", "logging_steps=1", "eval_on_start=false",
-                         "do_eval=true", "eval_steps=0", "eval_max_samples=16", "save_steps=0"])
+                         "do_eval=true", "eval_steps=1000", "eval_max_samples=16", "save_steps=0"])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward" in r]
