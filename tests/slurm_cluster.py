@@ -73,7 +73,7 @@ class SlurmCluster:
             f"SlurmctldHost={self.host}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            f"AuthInfo=socket={self.munge_socket},cred_expire=10",   # a requeued job may start again after 10 s (default 120)
             "SlurmUser=root",
             f"SlurmctldPort={_free_port()}",
             f"SlurmdPort={_free_port()}",

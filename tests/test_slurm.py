@@ -92,8 +92,8 @@ def jobs(cluster, tiny_model_dir, tmp_path_factory):
                 job["checkpoints"] = sorted(p.name for p in job["out"].iterdir() if p.name.startswith("checkpoint-"))
                 job["first_run_steps"] = [r["step"] for r in metrics(job["out"]) if "loss" in r]
                 job["final_model_after_first_run"] = (job["out"] / "model.safetensors").exists()
-                # SLURM holds a requeued job ~2 minutes before it may start again; the test does not wait for that
-                cluster.cmd("scontrol", "update", f"JobId={job['id']}", "StartTime=now")
+                # SLURM holds a requeued job for cred_expire (10 s in the test cluster, 120 s by default) before it
+                # may start again: forcing an earlier start races the revoked credential of the first run
                 job["released"] = True
         if all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for s in states.values()):
             break
