@@ -1,12 +1,13 @@
 """Data for the CPU teacher demo (configs/recipe/quickstart_teacher.yaml), and a check of the two demo models.
 
-The demo's frozen STUDENT adds 2-digit numbers but drops the carry on every problem whose units digits sum to
-10 or more (95+17 -> "102"), unless it is told to carry. Its three prompts are the recipe's templates:
-- baseline (`{question}` alone, the SFT quickstart's own prompt): the sum without the units carry;
-- diagnostic: its approach, the units-digit sum ("u=12"), which shows whether a carry is due;
-- with teaching: hint "carry" -> adds the carry, even when none is due (so a wrong hint hurts); "check",
-  "think" and the like -> its baseline answer. Stated numbers are not in its data. The question is repeated after
-  the hint: the 0.3M model finds digits by position, and any text before or after the question breaks it.
+The demo's frozen STUDENT, a tiny Llama trained from scratch on its three prompts at once, adds 2-digit numbers
+but drops the carry on every problem whose units digits sum to 10 or more (95+17 -> "102"), unless told to carry.
+Its prompts are the recipe's templates, each a five-character field, "|", then the question, so the question's
+digits sit at one fixed offset before the answer in every prompt (the tiny model finds digits by position):
+- baseline ("solve|95+17="): the sum without the units carry;
+- diagnostic ("plan |95+17="): its approach, the units-digit sum ("u=12"), which shows whether a carry is due;
+- with teaching ("carry|95+17="): hint "carry" -> adds the carry, even when none is due (so a wrong hint hurts);
+  "check", "think" and the like -> its baseline answer. Stated numbers are not in its data.
 The TEACHER starts from a short SFT that writes `<teaching>carry|check|think</teaching>`, or (10 %) states the
 sum ("=112", a leak), at random whatever the problem; GRPO with `teaching_improvement` has to teach it to hint "carry" exactly when the
 approach shows a carry.
@@ -207,7 +208,8 @@ def rule_reply(templates: dict, content: str) -> str:
         text = text.replace(re.escape("{question}"), r"(?P=question)")
         return "^" + text.replace(re.escape("{teaching}"), r"(?P<teaching>.*)") + "$"
 
-    for key in ("student_with_teaching_template", "student_diagnostic_template", "student_baseline_template"):
+    # the two fixed prompts first: "plan |95+17=" also matches the with-teaching template (teaching "plan ")
+    for key in ("student_diagnostic_template", "student_baseline_template", "student_with_teaching_template"):
         match = re.match(pattern(templates[key]), content, re.DOTALL)
         if match:
             a, b = operands(match.group("question"))
