@@ -115,9 +115,7 @@ def write_data(merged: dict, out: Path, seed: int) -> None:
         # the teacher-init: a hint drawn at random whatever the problem; 10 % state the sum (a leak)
         teaching = f"={a + b}" if rng.random() < 0.1 else rng.choice(TEACHER_HINTS)
         prompt = fill(templates["teacher_adaptive_template"], question=question, approach=approach(a, b))
-        # the teacher restates the plan before its hint (a diagnosis, as real teachers write): it learns to read the
-        # plan here, so GRPO only has to tie the hint to what it already reads
-        teacher.append(user(prompt, f"{approach(a, b)} <teaching>{teaching}</teaching>"))
+        teacher.append(user(prompt, f"<teaching>{teaching}</teaching>"))
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("student_sft.jsonl", student), ("teacher_sft.jsonl", teacher)):
         rng.shuffle(rows)

@@ -48,9 +48,8 @@ def test_demo_data_follows_the_students_rule_on_training_problems_only(tmp_path)
         (prompt, completion) = (m["content"] for m in row["messages"])
         question, approach = prompt.split(" ")
         a, b = demo.operands(question)
-        diagnosis, hint = completion.split(" <teaching>")
-        assert approach == diagnosis == demo.approach(a, b) and hint.endswith("</teaching>")
-        hint = hint.removesuffix("</teaching>")
+        assert approach == demo.approach(a, b) and completion.startswith("<teaching>")
+        hint = completion.removeprefix("<teaching>").removesuffix("</teaching>")
         kind = "leak" if hint.startswith("=") else hint
         hints[kind] = hints.get(kind, 0) + 1
         if kind == "leak":
