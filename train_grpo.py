@@ -54,13 +54,29 @@ from common.tracking import setup_logging
 logger = logging.getLogger("train_grpo")
 
 
+DEFAULT_NUM_GENERATIONS = 8
+
+
+def resolve_num_generations(train_batch_size: int, num_processes: int) -> int:
+    """What `num_generations: null` means: the largest group size <= 8 (>= 2) that divides train_batch_size
+    into a whole number of prompts per process."""
+    for size in range(DEFAULT_NUM_GENERATIONS, 1, -1):
+        if train_batch_size % size == 0 and (train_batch_size // size) % num_processes == 0:
+            return size
+    raise ConfigError(f"key 'num_generations' = null: no group size from 2 to {DEFAULT_NUM_GENERATIONS} divides "
+                      f"train_batch_size {train_batch_size} into prompts split evenly over {num_processes} "
+                      f"processes; set num_generations")
+
+
 @dataclass
 class Config(CommonArgs):
     # trainer/grpo.yaml (spec defaults)
     max_steps: int = 200
     train_batch_size: Optional[int] = 252
     per_device_train_batch_size: Optional[int] = 3
-    num_generations: Optional[int] = None           # null -> 8
+    # completions per prompt; null: 8 when that divides the step, else the largest divisor <= 8 that does
+    # (252 -> 7), so the spec's 252 resolves (resolve_num_generations; the resolved value is what is saved)
+    num_generations: Optional[int] = None
     learning_rate: float = 1e-6
     beta: float = 0.04                               # k3 KL coefficient; 0 loads no reference model
     max_prompt_length: Optional[int] = 2048
@@ -155,12 +171,12 @@ class Config(CommonArgs):
     def validate(self) -> None:
         super().validate()
         from common.rewards import REWARD_REGISTRY
+        world = world_size_from_env()
         if self.num_generations is None:
-            self.num_generations = 8
+            self.num_generations = resolve_num_generations(self.train_batch_size, world)
         if self.num_generations < 2:
             raise ConfigError(f"key 'num_generations' = {self.num_generations}: GRPO needs >= 2 completions per "
                               f"prompt to compare them")
-        world = world_size_from_env()
         if self.train_batch_size % self.num_generations:
             raise ConfigError(f"key 'num_generations' = {self.num_generations} does not divide train_batch_size "
                               f"{self.train_batch_size} (completions per optimizer step)")

@@ -51,7 +51,7 @@ PRESETS = sorted(p for p in CONFIG_DIR.glob("*/*.yaml") if p.parent.name not in 
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_every_recipe_resolves_against_its_script(recipe, monkeypatch):
+def test_every_recipe_resolves_against_its_script(recipe, monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     script = recipe_script(recipe)
     configs = script_configs()
@@ -62,6 +62,57 @@ def test_every_recipe_resolves_against_its_script(recipe, monkeypatch):
                  "teacher_rcl": ["vllm_host=127.0.0.1", "vllm_port=8000"]}.get(recipe.stem, [])
     cfg = load_config(configs[script], ["--config", str(recipe), *overrides])
     assert cfg.output_dir
+    with pytest.raises(SystemExit) as exit_info:   # and as a user sees it: --print-config resolves and exits 0
+        load_config(configs[script], ["--config", str(recipe), "--print-config", *overrides])
+    assert exit_info.value.code == 0
+    assert f"output_dir: {cfg.output_dir}" in capsys.readouterr().out
+
+
+# Each trainer preset alone, with only the model path(s) its script requires: the spec's defaults must resolve.
+# base.yaml is shared by every algorithm, so every script must take it.
+TRAINER_PRESET_SCRIPTS = {"base": SCRIPTS, "base_sft": ("train_sft",), "gkd": ("train_gkd",),
+                          "grpo": ("train_grpo",), "teacher_grpo": ("train_grpo",)}
+
+
+def test_every_trainer_preset_is_assigned_a_script():
+    assert sorted(TRAINER_PRESET_SCRIPTS) == sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset,script", [(p, s) for p, scripts in TRAINER_PRESET_SCRIPTS.items() for s in scripts])
+def test_every_trainer_preset_resolves_with_only_a_model_path(preset, script, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    paths = [f"model_name_or_path={model}"] + ([f"teacher_model_name_or_path={model}"] if script == "train_gkd" else [])
+    with pytest.raises(SystemExit) as exit_info:
+        load_config(script_configs()[script], ["--config", f"configs/trainer/{preset}.yaml", "--print-config", *paths])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    if script == "train_grpo":   # null resolves to a group size that divides the step (spec: 252 -> 7)
+        assert printed["num_generations"] == {"base": 8}.get(preset, 7)
+        assert printed["train_batch_size"] % printed["num_generations"] == 0
+
+
+@pytest.mark.parametrize("total,world,expected", [(252, 1, 7), (256, 1, 8), (64, 1, 8), (252, 4, 7), (14, 1, 7),
+                                                  (24, 4, 6), (12, 2, 6), (10, 1, 5), (13, 1, None), (8, 8, None)])
+def test_num_generations_null_is_the_largest_group_that_divides_the_step(total, world, expected):
+    from train_grpo import resolve_num_generations
+    if expected is None:
+        with pytest.raises(ConfigError, match="key 'num_generations' = null: no group size from 2 to 8"):
+            resolve_num_generations(total, world)
+    else:
+        assert resolve_num_generations(total, world) == expected
+
+
+def test_grpo_spec_preset_prints_its_resolved_config(tmp_path):
+    # the spec's own GRPO preset, launched as the README shows it
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "train_grpo.py", "--config", "configs/trainer/grpo.yaml",
+                          f"model_name_or_path={tmp_path}", "--print-config"], cwd=ROOT, capture_output=True,
+                         text=True, env={k: v for k, v in __import__("os").environ.items() if k != "WORLD_SIZE"})
+    assert run.returncode == 0, run.stderr
+    assert "num_generations: 7\n" in run.stdout and "# batch: train_batch_size 252" in run.stdout
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: f"{p.parent.name}/{p.stem}")
