@@ -35,3 +35,19 @@ def test_plot_metrics_writes_a_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = run_python(["scripts/plot_metrics.py", str(metrics), "--keys", "reward"])
     assert bad.returncode != 0 and "none of the requested metrics" in bad.stderr
+
+
+def test_progress_eta_is_unknown_until_a_step_is_timed(tmp_path, capsys, monkeypatch):
+    import types
+
+    from common import tracking
+    clock = [100.0, 100.0, 130.0]   # construction, first logged step, 10 steps later (3 s a step)
+    monkeypatch.setattr(tracking.time, "time", lambda: clock.pop(0) if len(clock) > 1 else clock[0])
+    cfg = types.SimpleNamespace(output_dir=str(tmp_path), report_to=[])
+    tracker = tracking.Tracker(cfg, is_main=True, config_dict={}, total_steps=50)
+    tracker.log({"loss": 1.0}, step=10)
+    tracker.log({"loss": 0.5}, step=20)
+    tracker.close()
+    first, second = capsys.readouterr().err.strip().splitlines()
+    assert first.startswith("step 10/50") and first.endswith("eta ?")
+    assert second.endswith("eta 00:01:30")   # 30 remaining steps x 3 s
