@@ -274,3 +274,53 @@ def test_compose_records_sources():
     assert sources["seed"] == "the command line"
     assert sources["max_seq_length"].endswith("recipe/teacher_sft.yaml")
     assert sources["torch_dtype"].endswith("model/qwen3_8b.yaml")
+
+
+# Defaults live in the dataclasses; a trainer preset restates the spec's values for a reader of the YAML. Each value
+# a preset sets equals the default of the dataclass it restates, or is an intended override listed here with why.
+PRESET_DATACLASSES = {"base": "common.args.CommonArgs", "base_sft": "train_sft.Config", "gkd": "train_gkd.Config",
+                      "grpo": "train_grpo.Config", "teacher_grpo": "train_grpo.Config"}
+INTENDED_OVERRIDES = {
+    ("teacher_grpo", "trainer_log_name"): "names the run after its reward preset (interpolated)",
+    ("teacher_grpo", "completion_only_training"): "episodes are built from the question alone, not a dataset target",
+    ("teacher_grpo", "trainer_args.max_probe_tokens"): "interpolates the reward preset's max_probe_tokens",
+}
+
+
+def dataclass_default(cls: type, name: str):
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def preset_vs_defaults(preset: str, cls: type, values: dict, prefix: str = "") -> list[tuple]:
+    hints, drift = typing.get_type_hints(cls), []
+    for key, value in values.items():
+        nested = [a for a in (hints[key], *typing.get_args(hints[key])) if dataclasses.is_dataclass(a)]
+        if nested and isinstance(value, dict):
+            drift += preset_vs_defaults(preset, nested[0], value, f"{prefix}{key}.")
+            continue
+        default = dataclass_default(cls, key)
+        if (preset, prefix + key) in INTENDED_OVERRIDES:
+            assert value != default, f"{preset}.yaml {prefix}{key} is listed as an override but equals the default"
+        elif value != (dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default):
+            drift.append((prefix + key, value, default))
+    return drift
+
+
+def test_trainer_presets_restate_their_dataclass_defaults():
+    assert sorted(PRESET_DATACLASSES) == sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml"))
+    drift = {}
+    for preset, target in PRESET_DATACLASSES.items():
+        module, _, name = target.rpartition(".")
+        values = yaml.safe_load((CONFIG_DIR / "trainer" / f"{preset}.yaml").read_text())
+        values.pop("defaults", None)
+        found = preset_vs_defaults(preset, getattr(importlib.import_module(module), name), values)
+        if found:
+            drift[preset] = found
+    assert not drift, f"preset value != dataclass default (key, preset, default); fix one or list it: {drift}"
+    for preset, key in INTENDED_OVERRIDES:   # a stale entry fails too
+        node = yaml.safe_load((CONFIG_DIR / "trainer" / f"{preset}.yaml").read_text())
+        for part in key.split("."):
+            node = node[part]
