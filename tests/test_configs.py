@@ -324,3 +324,16 @@ def test_trainer_presets_restate_their_dataclass_defaults():
         node = yaml.safe_load((CONFIG_DIR / "trainer" / f"{preset}.yaml").read_text())
         for part in key.split("."):
             node = node[part]
+
+
+def test_readme_layout_names_every_module_and_script():
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    layout = layout[:layout.index("\n## ", 1)]
+    named = set(re.findall(r"[\w.-]+\.(?:py|sh)\b", layout))
+    files = [p for p in (ROOT / "common").glob("*.py") if p.name != "__init__.py"]
+    files += [*(ROOT / "scripts").iterdir(), *ROOT.glob("*.py")]
+    missing = sorted(p.name for p in files if p.name not in named)
+    assert not missing, f"README.md's layout section does not name {missing}"
+    folders = set(re.findall(r"^([\w.]+/)", layout, re.MULTILINE))
+    assert {"common/", "configs/", "accelerate_configs/", "scripts/", "slurm/", "bench/", "tests/", ".ci/"} <= folders
