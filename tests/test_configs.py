@@ -337,3 +337,59 @@ def test_readme_layout_names_every_module_and_script():
     assert not missing, f"README.md's layout section does not name {missing}"
     folders = set(re.findall(r"^([\w.]+/)", layout, re.MULTILINE))
     assert {"common/", "configs/", "accelerate_configs/", "scripts/", "slurm/", "bench/", "tests/", ".ci/"} <= folders
+
+
+# The README's key tables restate defaults too: each `key` | value cell (several keys: values split alike) equals
+# what the section's trainer preset sets, else the dataclass default. Prose cells ("spec values") are not compared.
+README_TABLES = {"## GRPO (`train_grpo.py`)": ("train_grpo", "grpo"), "## Teacher GRPO": ("train_grpo", "teacher_grpo"),
+                 "## GKD (`train_gkd.py`)": ("train_gkd", "gkd")}
+
+
+def readme_table_values(head: str):
+    text = (ROOT / "README.md").read_text()
+    part = text[text.index(head):]
+    for line in part[:part.index("\n## ", 1)].splitlines():
+        row = re.match(r"^\| (`[^|]*) \| ([^|]*) \|", line)
+        if not row:
+            continue
+        keys, values = ([c.strip() for c in cell.split(" / " if " / " in cell else ",")] for cell in row.groups())
+        if len(keys) != len(values) or not all(re.fullmatch(r"`[\w.]+`", k) for k in keys):
+            continue
+        prefix = keys[0].strip("`").rpartition(".")[0]   # `trainer_args.a`, `b`: b is trainer_args.b
+        for key, value in zip(keys, values):
+            key = key.strip("`")
+            if "${" not in value and value not in ("required", "the spec's, verbatim"):
+                try:
+                    parsed = yaml.safe_load(value.strip("`"))
+                except yaml.YAMLError:
+                    continue
+                yield (f"{prefix}.{key}" if prefix and "." not in key else key), parsed
+
+
+def resolved_default(cls: type, merged: dict, dotted: str):
+    node: typing.Any = merged
+    for part in dotted.split("."):
+        if not (isinstance(node, dict) and part in node):
+            break
+        node = node[part]
+    else:
+        return node
+    for part in dotted.split("."):
+        value = dataclass_default(cls, part)
+        hint = typing.get_type_hints(cls)[part]
+        cls = next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None)
+    return value
+
+
+def test_readme_key_tables_match_presets_and_defaults():
+    compared, drift = 0, []
+    for head, (script, preset) in README_TABLES.items():
+        cls = script_configs()[script]
+        merged, _, _ = compose(f"configs/trainer/{preset}.yaml", [])
+        for key, value in readme_table_values(head):
+            compared += 1
+            expected = resolved_default(cls, merged, key)
+            if value != expected:
+                drift.append((head, key, value, expected))
+    assert not drift, f"README table value != preset / dataclass default (section, key, README, code): {drift}"
+    assert compared >= 40, compared
