@@ -504,7 +504,9 @@ def load_config_file(cls: type, path: Path, overrides: list[str]) -> Any:
     merged, sources = {}, {"": str(path)}
     _merge(merged, load_yaml(path), sources, str(path))
     for text in overrides:
-        key, value = parse_override(text)
+        if "=" not in str(text):
+            raise ConfigError(f"{path}: override {text!r}: expected key=value")
+        key, value = parse_override(str(text))
         apply_override(merged, sources, key, value)
         sources[key] = f"{path} (override {key})"
     cfg = _build(cls, merged, sources)

@@ -432,6 +432,8 @@ def test_reward_system_override_errors_name_the_override():
                                                    f"number in (0, inf)")):
         load_reward_system(RUNTIME, ["timeout=-1"])
     assert load_reward_system(RUNTIME, ["judge_weights={accuracy: 2}"]).judge_weights == {"accuracy": 2.0}
+    with pytest.raises(ValueError, match=re.escape(f"{RUNTIME}: override 'timeout': expected key=value")):
+        load_reward_system(RUNTIME, ["timeout"])
 
 
 def test_every_ranged_reward_system_key_rejects_values_outside_its_range():
