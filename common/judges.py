@@ -1,5 +1,9 @@
 """RIM: a reward from an ensemble of LLM judges, called through litellm.
 
+This module makes the calls (event loop, retries, reply cache, metrics, failure stop); the reward-system file's
+keys are in common/judge_schema.py, the pure parts (trajectory mapping, prompts, verdict parsing, escalation,
+aggregation) in common/judge_verdicts.py.
+
 Judges (prompts in `common/judge_prompts.py`): accuracy, helpfulness, process, diagnostic. Each
 reads a `Trajectory` (question, student answer, ground truth, student plan, teacher guidance,
 student trace; every field optional) and replies with JSON
