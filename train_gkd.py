@@ -208,6 +208,12 @@ def choose_sequence_source(seed: int, step: int, lmbda: float, seq_kd: bool) -> 
     return "teacher" if seq_kd else "dataset"
 
 
+def source_metrics(writer: str, source_counts: dict, steps: int) -> dict:
+    """Who wrote this step's completions, and the shares of this run's `steps` so far."""
+    return {"on_policy": float(writer == "student"), "seq_kd": float(writer == "teacher"),
+            "on_policy_share": source_counts["student"] / steps, "seq_kd_share": source_counts["teacher"] / steps}
+
+
 def completion_row(prompt_ids: list[int], completion_ids: list[int]) -> dict:
     """[prompt | completion] with labels on the completion only (IGNORE_INDEX on the prompt)."""
     return {"input_ids": list(prompt_ids) + list(completion_ids),
@@ -289,10 +295,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         cfg = load_config(Config, argv, description=__doc__)
 
     # ----- setup -----------------------------------------------------------------------------
-    from common.loop import claim_output_dir, finite_sampling, micro_batches, start, training_run
-    from common.models import (check_model_source, disable_dropout, load_causal_lm, load_tokenizer,
-                               log_parameter_count, prepare_frozen_model)
-    from common.rollout import SamplingParams
+    from common.loop import claim_output_dir, micro_batches, start, training_run
+    from common.models import prepare_frozen_model
     from common.runtime import bf16_supported, global_batches, shard, total_optimizer_steps
 
     accelerator, resume_path = start(cfg)
@@ -301,37 +305,23 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     # ----- data and tokenizers (before models: bad input fails fast, nothing written) ----------
     with fail_fast():
-        check_model_source("model_name_or_path", cfg.model_name_or_path)
-        check_model_source("teacher_model_name_or_path", cfg.teacher_model_name_or_path)
-        train_examples, eval_examples = load_train_eval(cfg)
-        tokenizer = load_tokenizer(cfg)
-        check_same_vocabulary(tokenizer, load_tokenizer(cfg, cfg.teacher_model_name_or_path),
-                              cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.teacher_model_name_or_path)
-        check_same_output_width(cfg)
+        tokenizer, train_examples, eval_examples = load_checked_data(cfg)
         prompt_ids, dataset_sequences, eval_sequences = tokenize_examples(cfg, tokenizer, train_examples,
                                                                           eval_examples)
     total_steps = total_optimizer_steps(cfg, len(train_examples))
     steps_per_epoch = len(train_examples) // cfg.train_batch_size
-    run_dir = claim_output_dir(cfg, resume_path, accelerator.is_main_process)   # locked while this process runs
+    claimed = claim_output_dir(cfg, resume_path, accelerator.is_main_process)   # locked until the run ends
     logger.info("%d train examples, %d eval examples, %d optimizer steps (%d per epoch)", len(train_examples),
                 len(eval_examples), total_steps, steps_per_epoch)
 
     # ----- models ----------------------------------------------------------------------------
-    model = load_causal_lm(cfg, use_bf16=use_bf16)
-    teacher = load_causal_lm(cfg, cfg.teacher_model_name_or_path, use_bf16=use_bf16, trainable=False)
-    for role, name, net in (("student", cfg.model_name_or_path, model),
-                            ("teacher", cfg.teacher_model_name_or_path, teacher)):
-        if cfg.disable_dropout:
-            disable_dropout(net)
-        log_parameter_count(role, name, net)
-    with training_run(cfg, accelerator, model, total_steps, resume_path) as run:
+    model, teacher = load_models(cfg, use_bf16)
+    with training_run(cfg, accelerator, model, total_steps, resume_path, claimed) as run:
         model = run.model
         teacher = prepare_frozen_model(accelerator, teacher)  # eval, no grad; sharded for inference under ZeRO-3
-        engines = make_engines(cfg, accelerator, model, teacher, tokenizer, use_bf16)
-        run.close_at_exit(*engines.values())
+        engines = make_engines(cfg, run, teacher, tokenizer, use_bf16)
         weights_version = engines["student"].sync_weights(model, version=run.start_step)
-        trace_file = open_trace(cfg, rank, run.start_step)
-        run.close_at_exit(trace_file)
+        trace_file = open_trace(cfg, run, rank)
         accuracy_rows = []
         if cfg.eval_generation_reward and eval_examples:
             accuracy_rows = greedy_accuracies(accelerator, cfg, run, engines, model, teacher, tokenizer, eval_examples)
@@ -349,21 +339,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             # ----- rollout: one decision per optimizer step, then the step's sequences ------------
             writer = choose_sequence_source(cfg.seed, step, cfg.lmbda, cfg.seq_kd)
             source_counts[writer] += 1
-            generation_seconds, finished = 0.0, len(local_indices)
-            if writer == "dataset":
-                sequences = [dataset_sequences[i] for i in local_indices]
-            else:
-                # seeded per (step, process): reproducible and resumable, and the global RNG is left alone
-                params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                        seed=(cfg.seed + step) * world)
-                with finite_sampling(accelerator, step, model):
-                    rollouts = engines[writer].generate([prompt_ids[i] for i in local_indices], params)
-                if writer == "student" and any(r.weights_version != weights_version for r in rollouts):
-                    raise RuntimeError(f"step {step}: student rollouts not sampled with the current weights "
-                                       f"(version {weights_version}): a weight sync was missed")
-                sequences = [completion_row(r.prompt_ids, r.completion_ids) for r in rollouts]
-                finished = sum(r.finish_reason == "stop" for r in rollouts)
-                generation_seconds = time.time() - step_start
+            sequences, finished, generation_seconds = step_sequences(
+                cfg, run, engines, writer, local_indices, prompt_ids, dataset_sequences, step, weights_version)
             batches = [collate_sft(rows, tokenizer.pad_token_id)
                        for rows in micro_batches(sequences, cfg.per_device_train_batch_size)]
             # normalise by every completion token of the optimizer step, on all processes and micro-batches
@@ -389,9 +366,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 counts = step_loss.new_tensor([float(finished), float(len(sequences))])   # stopped, sequences
                 loss, stopped, count = accelerator.reduce(torch.cat([step_loss[None], counts]), "sum")
                 run.tracker.log({"loss": (loss / global_tokens.clamp(min=1)).item(),
-                                 "on_policy": float(writer == "student"), "seq_kd": float(writer == "teacher"),
-                                 "on_policy_share": source_counts["student"] / (step - run.start_step),
-                                 "seq_kd_share": source_counts["teacher"] / (step - run.start_step),
+                                 **source_metrics(writer, source_counts, step - run.start_step),
                                  "completion_length": global_tokens.item() / max(count.item(), 1),
                                  "stop_ratio": stopped.item() / max(count.item(), 1), **run.step_metrics(grad_norm),
                                  "epoch": epoch + batch_in_epoch / steps_per_epoch,
@@ -409,19 +384,60 @@ def main(argv: Optional[list[str]] = None) -> None:
         # ----- final save and eval -----------------------------------------------------------------
         run.finish(tokenizer, step)
         if accuracy_rows:
-            from common.evaluation import format_accuracy_table, generation_accuracy
-            result = generation_accuracy(accelerator, cfg, model, tokenizer, eval_examples,
-                                         engine=sampling_engine(engines["student"]))
-            accuracy_rows.append((f"student after GKD (step {step}) {cfg.output_dir}", result))
-            run.tracker.log({"eval/greedy_accuracy": result["accuracy"]}, step)
-            if accelerator.is_main_process:
-                print(format_accuracy_table(accuracy_rows), flush=True)
+            final_accuracy(accelerator, cfg, run, engines, model, tokenizer, eval_examples, accuracy_rows, step)
     accelerator.end_training()
 
 
 # ---------------------------------------------------------------------------------------------
 # Set-up pieces: data, engines, traces, evals
 # ---------------------------------------------------------------------------------------------
+def load_models(cfg, use_bf16: bool):
+    """The student (trained) and the teacher (frozen), dropout off when `disable_dropout`."""
+    from common.models import disable_dropout, load_causal_lm, log_parameter_count
+    model = load_causal_lm(cfg, use_bf16=use_bf16)
+    teacher = load_causal_lm(cfg, cfg.teacher_model_name_or_path, use_bf16=use_bf16, trainable=False)
+    for role, name, net in (("student", cfg.model_name_or_path, model),
+                            ("teacher", cfg.teacher_model_name_or_path, teacher)):
+        if cfg.disable_dropout:
+            disable_dropout(net)
+        log_parameter_count(role, name, net)
+    return model, teacher
+
+
+def step_sequences(cfg, run, engines: dict, writer: str, local_indices: list, prompt_ids: list, dataset_sequences: list,
+                   step: int, weights_version: int):
+    """This process's [prompt | completion] sequences of the step, written by `writer` -> (sequences, how many
+    stopped on their own, sampling seconds)."""
+    from common.loop import finite_sampling
+    from common.rollout import SamplingParams
+    if writer == "dataset":
+        return [dataset_sequences[i] for i in local_indices], len(local_indices), 0.0
+    start = time.time()
+    # seeded per (step, process): reproducible and resumable, and the global RNG is left alone
+    params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                            seed=(cfg.seed + step) * run.accelerator.num_processes)
+    with finite_sampling(run.accelerator, step, run.model):
+        rollouts = engines[writer].generate([prompt_ids[i] for i in local_indices], params)
+    if writer == "student" and any(r.weights_version != weights_version for r in rollouts):
+        raise RuntimeError(f"step {step}: student rollouts not sampled with the current weights "
+                           f"(version {weights_version}): a weight sync was missed")
+    return ([completion_row(r.prompt_ids, r.completion_ids) for r in rollouts],
+            sum(r.finish_reason == "stop" for r in rollouts), time.time() - start)
+
+
+def load_checked_data(cfg):
+    """-> (tokenizer, train examples, eval examples), after checking both models exist and share one vocabulary."""
+    from common.models import check_model_source, load_tokenizer
+    check_model_source("model_name_or_path", cfg.model_name_or_path)
+    check_model_source("teacher_model_name_or_path", cfg.teacher_model_name_or_path)
+    train_examples, eval_examples = load_train_eval(cfg)
+    tokenizer = load_tokenizer(cfg)
+    check_same_vocabulary(tokenizer, load_tokenizer(cfg, cfg.teacher_model_name_or_path),
+                          cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.teacher_model_name_or_path)
+    check_same_output_width(cfg)
+    return tokenizer, train_examples, eval_examples
+
+
 def tokenize_examples(cfg, tokenizer, train_examples: list, eval_examples: list):
     """-> (prompt ids to sample from, the dataset's [prompt | completion] sequences (None without a completion),
     the eval split's sequences). Raises ValueError for data the run cannot train on."""
@@ -453,10 +469,11 @@ def tokenize_examples(cfg, tokenizer, train_examples: list, eval_examples: list)
     return prompt_ids, dataset_sequences, eval_sequences
 
 
-def make_engines(cfg, accelerator, model, teacher, tokenizer, use_bf16: bool) -> dict:
+def make_engines(cfg, run, teacher, tokenizer, use_bf16: bool) -> dict:
     """A sampling engine per role: transformers generate on the model itself, or (use_vllm) a vLLM engine for each
-    role that samples; the student's holds the training weights (resumed ones too)."""
+    role that samples; the student's holds the training weights (resumed ones too). Closed when the run ends."""
     from common.rollout import HFGenerateEngine, make_engine, vllm_options
+    accelerator, model = run.accelerator, run.model
     engines = {"student": HFGenerateEngine(model, tokenizer, accelerator, batch_size=cfg.generation_batch_size),
                "teacher": HFGenerateEngine(teacher, tokenizer, accelerator, batch_size=cfg.generation_batch_size)}
     if cfg.use_vllm:
@@ -464,6 +481,7 @@ def make_engines(cfg, accelerator, model, teacher, tokenizer, use_bf16: bool) ->
                  "teacher": cfg.teacher_model_name_or_path if cfg.seq_kd and cfg.lmbda < 1 else None}
         engines.update({role: make_engine("vllm", model_path=path, tokenizer=tokenizer, accelerator=accelerator,
                                           **vllm_options(cfg, use_bf16)) for role, path in roles.items() if path})
+    run.close_at_exit(*engines.values())
     return engines
 
 
@@ -485,12 +503,25 @@ def greedy_accuracies(accelerator, cfg, run, engines: dict, model, teacher, toke
             (f"student {cfg.model_name_or_path} at step {run.start_step}", results["student"])]
 
 
-def open_trace(cfg, rank: int, start_step: int):
-    """activate_debugging_logs: a per-process record of each micro-step's sequence source; else None."""
+def final_accuracy(accelerator, cfg, run, engines: dict, model, tokenizer, eval_examples, rows: list, step: int) -> None:
+    """The trained student's held-out greedy accuracy, logged and printed under the teacher's and its start's."""
+    from common.evaluation import format_accuracy_table, generation_accuracy
+    result = generation_accuracy(accelerator, cfg, model, tokenizer, eval_examples,
+                                 engine=sampling_engine(engines["student"]))
+    run.tracker.log({"eval/greedy_accuracy": result["accuracy"]}, step)
+    if accelerator.is_main_process:
+        print(format_accuracy_table([*rows, (f"student after GKD (step {step}) {cfg.output_dir}", result)]), flush=True)
+
+
+def open_trace(cfg, run, rank: int):
+    """activate_debugging_logs: a per-process record of each micro-step's sequence source (closed with the run);
+    else None."""
     if not cfg.activate_debugging_logs:
         return None
     (Path(cfg.output_dir) / "gkd_trace").mkdir(parents=True, exist_ok=True)
-    return open(Path(cfg.output_dir) / "gkd_trace" / f"rank{rank}.jsonl", "a" if start_step else "w")
+    trace_file = open(Path(cfg.output_dir) / "gkd_trace" / f"rank{rank}.jsonl", "a" if run.start_step else "w")
+    run.close_at_exit(trace_file)
+    return trace_file
 
 
 def write_trace(trace_file, step: int, micro_step: int, writer: str, batch: dict, tokens: int) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -106,14 +105,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         train_rows, eval_rows = tokenize_rows(cfg, tokenizer, train_examples, eval_examples)
     total_steps = total_optimizer_steps(cfg, len(train_rows))
     steps_per_epoch = len(train_rows) // cfg.train_batch_size
-    run_dir = claim_output_dir(cfg, resume_path, accelerator.is_main_process)   # locked while this process runs
+    claimed = claim_output_dir(cfg, resume_path, accelerator.is_main_process)   # locked until the run ends
     logger.info("%d train rows, %d eval examples, %d optimizer steps (%d per epoch)", len(train_rows),
                 len(eval_examples), total_steps, steps_per_epoch)
 
     # ----- model -----------------------------------------------------------------------------------------------------
     model = load_causal_lm(cfg, use_bf16=cfg.bf16 and bf16_supported())
     log_parameter_count("model", cfg.model_name_or_path, model)
-    with training_run(cfg, accelerator, model, total_steps, resume_path) as run:
+    with training_run(cfg, accelerator, model, total_steps, resume_path, claimed) as run:
         model = run.model
 
         # ----- train -------------------------------------------------------------------------------------------------

@@ -324,7 +324,7 @@ class TrainingRun:
     total_steps: int
     start_step: int = 0
     resume_path: Optional[Path] = None
-    closing: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    closing: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)   # closes in reverse order
 
     def close_at_exit(self, *things) -> None:
         """Engines, files: closed when the run ends, however it ends."""
@@ -362,9 +362,9 @@ class TrainingRun:
 
 
 @contextlib.contextmanager
-def training_run(cfg, accelerator, model, total_steps: int, resume_path: Optional[Path]):
+def training_run(cfg, accelerator, model, total_steps: int, resume_path: Optional[Path], claimed: RunDirectory):
     """optimizer -> prepare -> schedule -> resume -> tracker, preemption flag; yields the TrainingRun and closes
-    its tracker and everything passed to `close_at_exit` on every exit path."""
+    its tracker and everything passed to `close_at_exit` on every exit path; the output_dir lock goes last."""
     from common.checkpoint import PreemptionFlag, load_checkpoint
     from common.config import config_to_dict
     from common.runtime import make_optimizer, make_scheduler
@@ -383,10 +383,33 @@ def training_run(cfg, accelerator, model, total_steps: int, resume_path: Optiona
     run = TrainingRun(cfg, accelerator, model, optimizer, scheduler, tracker,
                       PreemptionFlag(cfg.output_dir, accelerator.is_main_process),
                       NonFiniteCounter(cfg.max_consecutive_nonfinite), total_steps, start_step, resume_path)
-    with tracker, run.closing:   # engines close first, then the tracker
+    run.closing.callback(claimed.release)
+    run.closing.enter_context(tracker)
+    with run.closing:   # last in, first out: engines and files, then the tracker, then the lock
         yield run
 
 
 def micro_batches(items: list, size: int) -> list[list]:
     """Consecutive slices of `size` items (the last may be shorter)."""
     return [items[start: start + size] for start in range(0, len(items), size)]
+
+
+class MetricSums:
+    """Scalar tensors summed by name over a step's micro-batches, then reduced over processes in one collective
+    (every process must add the same names in the same order)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, values: dict) -> None:
+        for name, value in values.items():
+            value = torch.as_tensor(value).detach().float().to(self.device)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.sums[name]
+
+    def reduced(self, accelerator, reduction: str = "mean") -> dict[str, float]:
+        totals = accelerator.reduce(torch.stack(list(self.sums.values())), reduction=reduction).tolist()
+        return dict(zip(self.sums, totals))
