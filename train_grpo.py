@@ -21,14 +21,9 @@ Choices this script makes:
   every optimizer step, each rollout tagged with the step whose weights sampled it) or from transformers `generate`
   on the policy itself (`use_vllm=false`). `rollout/logprob_diff_*` compare the engine's sampling logprobs with
   the trainer's own at the same temperature.
-- `share_prompt_prefix`: in each micro-batch every distinct prompt runs through the model once and its KV
-  cache serves all of its completions (the G rows of a group repeat the prompt); generation prefills each
-  prompt once too. Same logprobs and gradients to float rounding, prompt compute / G. Off for the gradient pass under gradient checkpointing, which drops
-  caches; models whose forward takes no cache run every row in full.
-- `logprobs_from_hidden`: while a logprob forward runs, the model's lm_head computes the logprobs of the
-  completion tokens from its input hidden states in chunks instead of returning logits, so
-  the [B, C, V] logits (and their gradient) never exist whole. Checked once on the first batch against the
-  logits path; models that change logits after lm_head (softcapping, scaling) keep the logits path.
+- `share_prompt_prefix`: each distinct prompt of a micro-batch runs once, its KV cache serving its G completions.
+- `logprobs_from_hidden`: the lm_head returns the completion tokens' logprobs, so [B, C, V] logits never exist whole.
+  Both give the same numbers as the plain forward (common/logprobs.py, LogprobScorer).
 """
 from __future__ import annotations
 

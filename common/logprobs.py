@@ -268,6 +268,15 @@ def lm_head_logprobs_agree(model, lm_head: torch.nn.Linear, batch: RolloutBatch,
 class LogprobScorer:
     """Completion logprobs of one model at one temperature, through the fastest path that gives the same numbers.
 
+    GRPO's `share_prompt_prefix`: in each micro-batch every distinct prompt runs through the model once and its KV
+    cache serves all of its completions (the G rows of a group repeat the prompt); generation prefills each prompt
+    once too. Same logprobs and gradients to float rounding, prompt compute / G. Off for the gradient pass under
+    gradient checkpointing, which drops caches; models whose forward takes no cache run every row in full.
+    GRPO's `logprobs_from_hidden`: while a logprob forward runs, the model's lm_head computes the logprobs of the
+    completion tokens from its input hidden states in chunks instead of returning logits, so the [B, C, V] logits
+    (and their gradient) never exist whole. Checked once on the first batch against the logits path; models that
+    change logits after lm_head (softcapping, scaling) keep the logits path.
+
     - shared prompts (`share_prompts`): the model's KV-cache keyword, or None (every row runs in full: models whose
       forward takes no cache, or gradient checkpointing, whose layers drop caches);
     - `from_hidden`: the model's plain lm_head returns the logprobs (no [B, C, V] logits), kept only when the first
