@@ -95,8 +95,14 @@ class Tracker:
                                                         data=[[row.get(c) for c in columns] for row in rows])},
                             step=step)
 
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
-        if not self.is_main:
+        if not self.is_main or self._metrics_file.closed:
             return
         self._metrics_file.close()
         if self._wandb is not None:
