@@ -18,8 +18,9 @@ Choices this script makes:
 - Logprobs for the loss come from the training model's own forward (common/logprobs.py); with
   `unbias_log_probabilities` the logits are divided by the sampling temperature (policy and reference alike).
 - Rollouts come from vLLM inside each training process (`use_vllm`, common/vllm_engine.py; weights synced after
-  every optimizer step, each rollout tagged with the step whose weights sampled it) or from transformers `generate`
-  on the policy itself (`use_vllm=false`). `rollout/logprob_diff_*` compare the engine's sampling logprobs with
+  every optimizer step, each rollout tagged with the step whose weights sampled it), from vLLM's own server(s)
+  (`use_vllm_server`, common/vllm_server.py: weights pushed through its RL endpoints after every optimizer step,
+  the version each server holds checked) or from transformers `generate` on the policy itself (`use_vllm=false`). `rollout/logprob_diff_*` compare the engine's sampling logprobs with
   the trainer's own at the same temperature.
 - `share_prompt_prefix`: in each micro-batch every distinct prompt runs through the model once and its KV
   cache serves all of its completions (the G rows of a group repeat the prompt); generation prefills each
@@ -83,9 +84,17 @@ class Config(CommonArgs):
     vllm_tensor_parallel_size: int = 1               # processes sharing one engine (must divide the process count)
     vllm_enable_sleep_mode: bool = False             # GPU only: engine memory freed while the trainer updates
     vllm_sync_group_mb: float = 256                  # ZeRO-3 weight sync: most MiB gathered at once
-    use_vllm_server: bool = False
+    use_vllm_server: bool = False                    # vLLM's own server(s) (common/vllm_server.py); over use_vllm
     vllm_host: Optional[str] = None
     vllm_port: Optional[int] = None
+    vllm_servers: list[str] = field(default_factory=list)   # more policy servers, "host:port"; prompts split over all
+    vllm_server_transport: Literal["auto", "gloo", "nccl"] = "auto"   # weight push; auto: nccl on GPUs, else gloo
+    vllm_sync_bucket_mb: float = 256                 # weight push: most MiB per broadcast bucket
+    vllm_transfer_address: Optional[str] = None      # this machine as the servers reach it; null: loopback or hostname
+    vllm_server_timeout: float = 600                 # seconds per server request
+    vllm_server_retries: int = 3                     # retries of a failed request (a weight update is never retried)
+    student_engine: Literal["hf", "server"] = "hf"   # teacher GRPO: the frozen student's backend (hf: generate)
+    student_vllm_server: Optional[str] = None        # student_engine=server: its vLLM server, "host:port"
     reward_funcs: list[str] = field(default_factory=lambda: ["math_verify"])
     reward_weights: Optional[list[float]] = None
     sync_ref_model: bool = False
@@ -142,7 +151,8 @@ class Config(CommonArgs):
         "reward_weights": "(-inf, inf)", "ref_model_sync_steps": "[1, inf)", "ref_model_mixup_alpha": "[0, 1]",
         "logging_prob": "[0, 1]", "epsilon_low": "[0, 1)", "epsilon_high": "[0, inf)", "num_iterations": "[1, inf)",
         "generation_batch_size": "[1, inf)", "eval_max_samples": "[1, inf)", "math_verify_timeout": "[1, inf)",
-        "vllm_tensor_parallel_size": "[1, inf)", "vllm_sync_group_mb": "(0, inf)",
+        "vllm_tensor_parallel_size": "[1, inf)", "vllm_sync_group_mb": "(0, inf)", "vllm_sync_bucket_mb": "(0, inf)",
+        "vllm_server_timeout": "(0, inf)", "vllm_server_retries": "[0, inf)",
         # teacher GRPO
         "max_probe_tokens": "[1, inf)", "teaching_partial_credit": "[0, 1]", "teaching_degradation_penalty": "(-inf, 0]",
         "teaching_efficiency_bonus": "[0, inf)", "teaching_leak_cap": "(-inf, inf)", "rlt_temperature": "(0, inf)",
@@ -175,9 +185,10 @@ class Config(CommonArgs):
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"key 'reward_weights' has {len(self.reward_weights)} entries for "
                               f"{len(self.reward_funcs)} reward_funcs")
-        if self.use_vllm_server and (not self.vllm_host or not self.vllm_port):
-            raise ConfigError("use_vllm_server=true needs vllm_host and vllm_port")
-        if self.use_vllm:
+        if self.use_vllm_server:
+            from common.vllm_server import check_server_config
+            check_server_config(self)
+        elif self.use_vllm:
             from common.vllm_engine import check_vllm_config
             check_vllm_config(self, world)
         if self.beta < 0:
@@ -425,8 +436,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     from accelerate.utils import gather_object, set_seed
 
     from common.checkpoint import PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path, save_model
-    from common.loop import (SKIPPED, NonFiniteCounter, check_output_dir, checkpoint_or_stop, claim_output_dir,
-                             ensure_finite_weights, finite_sampling, optimizer_step, resumed_step, step_metrics)
+    from common.loop import (SKIPPED, NonFiniteCounter, check_output_dir, checkpoint_on_server_failure,
+                             checkpoint_or_stop, claim_output_dir, ensure_finite_weights, finite_sampling,
+                             optimizer_step, resumed_step, step_metrics)
     from common.data import load_train_eval, render_prompt
     from common.evaluation import build_reward_inputs, greedy_eval
     from common.logprobs import cache_argument, plain_lm_head
@@ -448,9 +460,13 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     # ----- data and rewards (before models: bad input fails fast) ----------------------------------------------------
     with fail_fast():
-        if cfg.use_vllm_server or cfg.use_ray:   # checked here, not in validate(), so --print-config resolves them
-            raise ConfigError("use_vllm_server / use_ray: the vLLM server backends are not available yet; set "
-                              "use_vllm_server=false use_ray=false (use_vllm=true runs vLLM in the training processes)")
+        if cfg.use_ray:   # checked here, not in validate(), so --print-config resolves it
+            raise ConfigError("use_ray: engines as Ray actors are not available yet; set use_ray=false "
+                              "(use_vllm_server=true runs vLLM's own server, use_vllm=true vLLM in the training "
+                              "processes)")
+        if cfg.use_vllm_server:   # a server that is down stops the run here, named, before any model loads
+            from common.vllm_server import check_servers_up, parse_servers
+            check_servers_up(parse_servers(cfg.vllm_host, cfg.vllm_port, cfg.vllm_servers), "vllm_host")
         check_model_source("model_name_or_path", cfg.model_name_or_path)
         if cfg.ref_model_name_or_path:
             check_model_source("ref_model_name_or_path", cfg.ref_model_name_or_path)
@@ -513,13 +529,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     tracker = Tracker(cfg, accelerator.is_main_process, config_to_dict(cfg), total_steps, resume=start_step > 0)
     preemption = PreemptionFlag(cfg.output_dir, accelerator.is_main_process)
     nonfinite = NonFiniteCounter(cfg.max_consecutive_nonfinite)
-    if cfg.use_vllm:   # loaded from the policy's path, then synced with the training weights (resumed ones too)
+    if cfg.use_vllm_server:   # vLLM's own server(s), synced with the training weights (resumed ones too)
+        from common.vllm_server import server_options
+        engine = make_engine("server", **server_options(cfg, tokenizer, accelerator))
+    elif cfg.use_vllm:   # loaded from the policy's path, then synced with the training weights (resumed ones too)
         engine = make_engine("vllm", model_path=cfg.model_name_or_path, tokenizer=tokenizer, accelerator=accelerator,
                              **vllm_options(cfg, use_bf16))
     else:
         engine = HFGenerateEngine(model, tokenizer, accelerator=accelerator, batch_size=cfg.generation_batch_size,
                                   share_prompt_prefill=cfg.share_prompt_prefix)
-    weights_version = engine.sync_weights(model, version=start_step)   # = the optimizer step of the weights
+    with checkpoint_on_server_failure(accelerator, model, tokenizer, cfg, 0, {}):
+        weights_version = engine.sync_weights(model, version=start_step)   # = the optimizer step of the weights
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
                               repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_completion_length,
                               num_generations=group)
@@ -573,7 +593,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             return result
         result = greedy_eval(accelerator, model, tokenizer, eval_examples, combined_reward, cfg.max_completion_length,
                              cfg.eval_max_samples, batch_size=cfg.per_device_eval_batch_size * 8,
-                             engine=engine if cfg.use_vllm else None)
+                             engine=engine if cfg.use_vllm or cfg.use_vllm_server else None)
         metrics = {"eval/reward": result["accuracy"], "eval/num_samples": result["num_scored"]}
         tracker.log(metrics, step)
         return result
@@ -595,12 +615,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             prompt_indices = global_batches(len(train_examples), prompts_per_step, cfg.seed, epoch,
                                             cfg.shuffle_generation_inputs)[round_in_epoch]
             local_indices = shard(prompt_indices, rank, world)
-            if teacher is not None:   # >>> teacher run: episodes; the rollouts' prompts are the teacher prompts
-                episodes = teacher.loop.run([train_examples[i] for i in local_indices], sampling, step)
-                rollouts = episodes.rollouts
-            else:
-                with finite_sampling(accelerator, step, model):
-                    rollouts = engine.generate([all_prompt_ids[i] for i in local_indices], sampling)  # prompts x G
+            # a server down: checkpoint of the weights so far, then stop
+            with checkpoint_on_server_failure(accelerator, model, tokenizer, cfg, step - 1,
+                                              {"generation_round": (step - 1) // cfg.num_iterations}):
+                if teacher is not None:   # >>> teacher run: episodes; the rollouts' prompts are the teacher prompts
+                    episodes = teacher.loop.run([train_examples[i] for i in local_indices], sampling, step)
+                    rollouts = episodes.rollouts
+                else:
+                    with finite_sampling(accelerator, step, model):
+                        rollouts = engine.generate([all_prompt_ids[i] for i in local_indices], sampling)  # prompts x G
             generate_seconds = time.time() - step_start
             stale = sorted({r.weights_version for r in rollouts} - {weights_version})
             if stale:
@@ -711,8 +734,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, sums[0], nonfinite,
                                    step)
         sync_start = time.time()
-        weights_version = engine.sync_weights(model, version=step)   # the next rollouts sample these weights
+        with checkpoint_on_server_failure(accelerator, model, tokenizer, cfg, step,
+                                          {"generation_round": step // cfg.num_iterations}):
+            weights_version = engine.sync_weights(model, version=step)   # the next rollouts sample these weights
         metrics["time/weight_sync"] = time.time() - sync_start
+        if cfg.use_vllm_server:   # the packer's figures: buckets, megabytes, GB/s
+            metrics.update(engine.sync_metrics())
         if reference is not None and cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
             sync_reference(accelerator, model, reference, cfg.ref_model_mixup_alpha)
 

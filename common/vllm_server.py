@@ -214,31 +214,26 @@ class VLLMServerEngine:
         started = time.time()
         stats = {"groups": 0, "tensors": 0, "bytes": 0}
         weights = hf_weights(model, self.accelerator, self.sync_group_bytes, stats)
+        failure: Optional[ServerError] = None
+        sent = {"buckets": 0}
         if self.rank == 0:
-            if self.transport is None:
-                self.transport = make_transport(self.transport_name, self.servers, self.transfer_host,
-                                                self.transfer_port)
-            for server in self.servers:
-                server.request("/pause?mode=wait")
-            # ZeRO-3 frees each gathered group after it is yielded: keep copies (process 0 only)
+            # walked in full first (ZeRO-3 gathers are collective); ZeRO-3 frees each gathered group after it is
+            # yielded, so keep copies then (process 0 only)
             keep = _is_zero3(self.accelerator)
-            sent = self.transport.send(self.servers, [(name, tensor.detach().clone() if keep else tensor.detach())
-                                                      for name, tensor in weights], self.bucket_bytes)
-            for server in self.servers:
-                server.request("/finish_weight_update", {"weight_version": str(version)})
-                server.request("/reset_prefix_cache")   # cached prompt keys/values came from the old weights
-                server.request("/resume")
-            for server in self.servers:
-                held = server.weight_version()
-                if held != str(version):
-                    raise ServerError(f"vLLM server at {server.name} holds weight version {held!r} after the sync "
-                                      f"to {version} (a stale server)")
+            tensors = [(name, tensor.detach().clone() if keep else tensor.detach()) for name, tensor in weights]
+            try:
+                sent = self._send(tensors, version)
+            except ServerError as err:
+                failure = err
         else:
-            sent = {"buckets": 0}
             for _ in weights:   # join the collective gathers
                 pass
-        if self.world > 1:
-            self.accelerator.wait_for_everyone()   # no process samples before the servers resumed
+        if self.world > 1:   # no process samples before the servers resumed; a failure stops every process
+            flag = torch.tensor([float(failure is not None)], device=self.accelerator.device)
+            if self.accelerator.reduce(flag, reduction="max").item() > 0 and failure is None:
+                failure = ServerError("vLLM server: the weight sync failed on process 0")
+        if failure is not None:
+            raise failure
         seconds = time.time() - started
         self.weights_version = version
         self.last_sync = {**stats, **sent, "seconds": seconds,
@@ -248,6 +243,31 @@ class VLLMServerEngine:
                         len(self.servers), sent["buckets"], stats["bytes"] / 1e6, seconds,
                         self.last_sync["gb_per_s"])
         return version
+
+    def _send(self, tensors: list, version: int) -> dict:
+        """Process 0: pause, transfer, finish under `version`, reset the prefix cache, resume, check versions."""
+        if self.transport is None:
+            self.transport = make_transport(self.transport_name, self.servers, self.transfer_host,
+                                            self.transfer_port)
+        for server in self.servers:
+            server.request("/pause?mode=wait")
+        sent = self.transport.send(self.servers, tensors, self.bucket_bytes)
+        for server in self.servers:
+            server.request("/finish_weight_update", {"weight_version": str(version)})
+            server.request("/reset_prefix_cache")   # cached prompt keys/values came from the old weights
+            server.request("/resume")
+        for server in self.servers:
+            held = server.weight_version()
+            if held != str(version):
+                raise ServerError(f"vLLM server at {server.name} holds weight version {held!r} after the sync to "
+                                  f"{version} (a stale server)")
+        return sent
+
+    def sync_metrics(self) -> dict:
+        """The last sync's figures, for the step's metrics row."""
+        return {"sync/buckets": float(self.last_sync.get("buckets", 0)),
+                "sync/megabytes": self.last_sync.get("bytes", 0) / 1e6,
+                "sync/gb_per_s": self.last_sync.get("gb_per_s", 0.0)}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
@@ -378,3 +398,58 @@ def _alongside(servers: list[Server], body: dict, broadcast) -> int:
     if errors:
         raise errors[0]
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------------
+def transfer_address(cfg_value: Optional[str], servers: Sequence[tuple[str, int]]) -> str:
+    """The address the servers reach this machine at: the key's value, loopback when every server is local, else
+    this host's name."""
+    if cfg_value:
+        return cfg_value
+    if all(host in ("127.0.0.1", "localhost", "::1") for host, _ in servers):
+        return "127.0.0.1"
+    return socket.getfqdn()
+
+
+def server_transport(name: str) -> str:
+    if name == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return name
+
+
+def server_options(cfg, tokenizer, accelerator) -> dict:
+    """The policy's VLLMServerEngine keywords from a script config."""
+    servers = parse_servers(cfg.vllm_host, cfg.vllm_port, cfg.vllm_servers)
+    return dict(servers=servers, tokenizer=tokenizer, accelerator=accelerator, sync=True,
+                transport=server_transport(cfg.vllm_server_transport),
+                bucket_bytes=int(cfg.vllm_sync_bucket_mb * 2 ** 20),
+                sync_group_bytes=int(cfg.vllm_sync_group_mb * 2 ** 20),
+                transfer_host=transfer_address(cfg.vllm_transfer_address, servers),
+                timeout_s=cfg.vllm_server_timeout, retries=cfg.vllm_server_retries, seed=cfg.seed)
+
+
+def check_server_config(cfg) -> None:
+    """use_vllm_server=true, checked before any model loads (the servers' health is checked when the engine is
+    built, after the data)."""
+    from common.config import ConfigError
+    if not cfg.vllm_host or not cfg.vllm_port:
+        raise ConfigError("use_vllm_server=true needs vllm_host and vllm_port (the server started as the README's "
+                          "\"vLLM server\" section says)")
+    try:
+        parse_servers(cfg.vllm_host, cfg.vllm_port, cfg.vllm_servers)
+    except ValueError as err:
+        raise ConfigError(f"key {err}") from None
+    if server_transport(cfg.vllm_server_transport) == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("key 'vllm_server_transport' = nccl: NCCL needs a GPU (there is none here); use gloo")
+
+
+def check_servers_up(servers: Sequence[tuple[str, int]], key: str) -> None:
+    """Every server answers /health (before any model loads): a down one is one error line naming it."""
+    from common.config import ConfigError
+    for host, port in servers:
+        try:
+            Server(host, port, timeout_s=10, retries=2).request("/health", method="GET")
+        except ServerError as err:
+            raise ConfigError(f"key '{key}': {err}") from None
