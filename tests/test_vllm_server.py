@@ -1,7 +1,8 @@
 """The server backend against vLLM's own OpenAI-compatible server (its CPU build), started by these tests.
 
-One server serves the module (a start costs ~a minute on 2 cores); a second one is started inside the test that
-needs two, and the launcher test starts its own. Every server runs the gloo weight-transfer backend
+The launcher test (first, so no other server is up meanwhile) starts its own server; then two servers start
+together for the rest of the module (a start costs about a minute on 2 cores): the shared one and the one a test
+kills. Every server runs the gloo weight-transfer backend
 (common/vllm_server_worker.py) and is stopped by pid at teardown. Every test syncs the shared server from its own
 model first, so tests do not depend on each other's order.
 """
@@ -44,7 +45,8 @@ def save_model(path: Path) -> Path:
 
 
 def start_server(model_dir: Path, log: Path, transfer: bool = True) -> tuple[subprocess.Popen, int]:
-    """vLLM's server as a user starts it (README "vLLM server"), in its own process group (its engine core too)."""
+    """vLLM's server as a user starts it (README "vLLM server"), in its own process group (its engine core too).
+    Returns at once; `wait_healthy` waits for it."""
     port = free_port()
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
@@ -55,15 +57,20 @@ def start_server(model_dir: Path, log: Path, transfer: bool = True) -> tuple[sub
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    return proc, port
+
+
+def wait_healthy(proc: subprocess.Popen, port: int) -> None:
     deadline = time.time() + 400
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-            return proc, port
+            return
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 stop_server(proc)
-                pytest.fail(f"vLLM server did not start: {log.read_text()[-3000:]}")
+                pytest.fail(f"vLLM server did not start: {proc.log.read_text()[-3000:]}")
             time.sleep(1)
 
 
@@ -98,10 +105,20 @@ def tokenizer(model_dir):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    proc, port = start_server(model_dir, tmp_path_factory.mktemp("server_logs") / "server.log")
-    yield port
-    stop_server(proc)
+def started(model_dir, tmp_path_factory):
+    """Both servers start together (one start's time): the shared one and the one a test kills."""
+    logs = tmp_path_factory.mktemp("server_logs")
+    procs = [start_server(model_dir, logs / f"server_{i}.log") for i in range(2)]
+    yield procs
+    for proc, _ in procs:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def server(started) -> int:
+    proc, port = started[0]
+    wait_healthy(proc, port)
+    return port
 
 
 def load(path: Path) -> torch.nn.Module:
@@ -124,6 +141,67 @@ def prompts(tokenizer) -> list[list[int]]:
 
 def ids(rollouts) -> list[list[int]]:
     return [r.completion_ids for r in rollouts]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The launcher: its own server, GRPO end to end, only its own children stopped, tracked files untouched
+BYSTANDER = textwrap.dedent('''
+    import signal, sys, time
+    # named like a vLLM server, but not the launcher's: it must never be signalled
+    sys.argv[0] = "vllm.entrypoints.openai.api_server"
+    def record(number, frame):
+        open(sys.argv[1], "a").write(f"{number}\\n")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(sig, record)
+    open(sys.argv[1] + ".ready", "w").close()
+    time.sleep(3600)
+''')
+
+
+def test_grpo_through_the_launcher_learns_and_stops_only_its_own_children(model_dir, tmp_path):
+    def git_status() -> str:
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                              capture_output=True, text=True).stdout
+
+    bystander_log = tmp_path / "bystander_signals"
+    script = tmp_path / "bystander.py"
+    script.write_text(BYSTANDER)
+    bystander = subprocess.Popen([sys.executable, str(script), str(bystander_log)])
+    try:
+        while not Path(f"{bystander_log}.ready").exists():
+            time.sleep(0.1)
+        tracked = git_status()
+        out = tmp_path / "grpo"
+        result = subprocess.run(
+            ["bash", "scripts/launch_with_server.sh", "1", "1", "configs/recipe/quickstart_grpo.yaml",
+             f"model_name_or_path={model_dir}", f"output_dir={out}", "make_dataset_fn.num_samples=300",
+             "reward_funcs=[format]", r"format_pattern=\d.*", "max_completion_length=4", "train_batch_size=64",
+             "per_device_train_batch_size=32", "num_generations=8", "learning_rate=5e-3", "temperature=0.9",
+             "max_steps=12", "logging_steps=1", "eval_on_start=false", "do_eval=true", "eval_steps=1000",
+             "eval_max_samples=16", "save_steps=0", "vllm_max_model_len=128"],
+            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "LAUNCH_LOG_DIR": str(tmp_path / "logs")},
+            capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "reward" in r]
+        assert len(steps) == 12
+        rewards = [r["reward"] for r in steps]
+        assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.15, rewards
+        for row in steps:
+            assert row["rollout/logprob_diff_mean"] < 0.02 and row["rollout/logprob_diff_max"] < 0.1, row
+            assert row["rollout/weights_version"] == row["step"] - 1
+        assert any("eval/reward" in r for r in rows)   # greedy eval through the server
+
+        server_pids = [int(line.split("(pid ")[1].split(")")[0]) for line in result.stdout.splitlines()
+                       if "[launch_with_server] server" in line]
+        assert len(server_pids) == 1 and f"stopped server pid(s) {server_pids[0]}" in result.stdout
+        for pid in server_pids:   # gone (or a zombie of its own parent, which has exited)
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert bystander.poll() is None and not bystander_log.exists()   # alive and never signalled
+        assert git_status() == tracked
+    finally:
+        bystander.kill()
+        bystander.wait()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -200,8 +278,9 @@ vllm_max_model_len: 256
 
 
 def test_two_servers_split_prompts_the_teacher_run_uses_both_and_a_killed_server_stops_it_with_a_checkpoint(
-        server, model_dir, tokenizer, tmp_path):
-    second, second_port = start_server(model_dir, tmp_path / "second.log")
+        server, started, model_dir, tokenizer, tmp_path):
+    second, second_port = started[1]
+    wait_healthy(second, second_port)
     try:
         model = load(model_dir)
         train_step(model, tokenizer)
@@ -248,64 +327,3 @@ def test_two_servers_split_prompts_the_teacher_run_uses_both_and_a_killed_server
         assert f"saved checkpoint-{saved[-1]}" in stderr
     finally:
         stop_server(second)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The launcher: its own server, GRPO end to end, only its own children stopped, tracked files untouched
-BYSTANDER = textwrap.dedent('''
-    import signal, sys, time
-    # named like a vLLM server, but not the launcher's: it must never be signalled
-    sys.argv[0] = "vllm.entrypoints.openai.api_server"
-    def record(number, frame):
-        open(sys.argv[1], "a").write(f"{number}\\n")
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
-        signal.signal(sig, record)
-    open(sys.argv[1] + ".ready", "w").close()
-    time.sleep(3600)
-''')
-
-
-def test_grpo_through_the_launcher_learns_and_stops_only_its_own_children(model_dir, tmp_path):
-    def git_status() -> str:
-        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                              capture_output=True, text=True).stdout
-
-    bystander_log = tmp_path / "bystander_signals"
-    script = tmp_path / "bystander.py"
-    script.write_text(BYSTANDER)
-    bystander = subprocess.Popen([sys.executable, str(script), str(bystander_log)])
-    try:
-        while not Path(f"{bystander_log}.ready").exists():
-            time.sleep(0.1)
-        tracked = git_status()
-        out = tmp_path / "grpo"
-        result = subprocess.run(
-            ["bash", "scripts/launch_with_server.sh", "1", "1", "configs/recipe/quickstart_grpo.yaml",
-             f"model_name_or_path={model_dir}", f"output_dir={out}", "make_dataset_fn.num_samples=300",
-             "reward_funcs=[format]", r"format_pattern=\d.*", "max_completion_length=4", "train_batch_size=64",
-             "per_device_train_batch_size=32", "num_generations=8", "learning_rate=5e-3", "temperature=0.9",
-             "max_steps=20", "logging_steps=1", "eval_on_start=false", "do_eval=true", "eval_steps=1000",
-             "eval_max_samples=16", "save_steps=0", "vllm_max_model_len=128"],
-            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "LAUNCH_LOG_DIR": str(tmp_path / "logs")},
-            capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in rows if "reward" in r]
-        assert len(steps) == 20
-        rewards = [r["reward"] for r in steps]
-        assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.15, rewards
-        for row in steps:
-            assert row["rollout/logprob_diff_mean"] < 0.02 and row["rollout/logprob_diff_max"] < 0.1, row
-            assert row["rollout/weights_version"] == row["step"] - 1
-        assert any("eval/reward" in r for r in rows)   # greedy eval through the server
-
-        server_pids = [int(line.split("(pid ")[1].split(")")[0]) for line in result.stdout.splitlines()
-                       if "[launch_with_server] server" in line]
-        assert len(server_pids) == 1 and f"stopped server pid(s) {server_pids[0]}" in result.stdout
-        for pid in server_pids:   # gone (or a zombie of its own parent, which has exited)
-            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
-        assert bystander.poll() is None and not bystander_log.exists()   # alive and never signalled
-        assert git_status() == tracked
-    finally:
-        bystander.kill()
-        bystander.wait()
