@@ -128,7 +128,7 @@ class VLLMServerEngine:
                  transport: str = "gloo", bucket_bytes: int = 256 * 2 ** 20, sync_group_bytes: int = 256 * 2 ** 20,
                  transfer_host: str = "127.0.0.1", transfer_port: int = 0, timeout_s: float = 600.0,
                  retries: int = 3, startup_timeout_s: float = 60.0, max_concurrency: int = 64,
-                 stop_token_ids: Optional[Sequence[int]] = None, seed: int = 0) -> None:
+                 stop_token_ids: Optional[Sequence[int]] = None, seed: int = 0, per_request: bool = False) -> None:
         if not servers:
             raise ValueError("VLLMServerEngine: no servers (set vllm_host and vllm_port)")
         if transport not in TRANSPORTS:
@@ -147,6 +147,7 @@ class VLLMServerEngine:
         self.transfer_host, self.transfer_port = transfer_host, transfer_port
         self.stop_token_ids = list(stop_token_ids)
         self.seed = seed
+        self.per_request = per_request   # one /update_weights per bucket (bench/vllm_server_sync.py's baseline)
         self.pool = ThreadPoolExecutor(max_workers=max_concurrency)
         self.weights_version = 0
         self.last_sync: dict = {}
@@ -251,7 +252,7 @@ class VLLMServerEngine:
                                             self.transfer_port)
         for server in self.servers:
             server.request("/pause?mode=wait")
-        sent = self.transport.send(self.servers, tensors, self.bucket_bytes)
+        sent = self.transport.send(self.servers, tensors, self.bucket_bytes, per_request=self.per_request)
         for server in self.servers:
             server.request("/finish_weight_update", {"weight_version": str(version)})
             server.request("/reset_prefix_cache")   # cached prompt keys/values came from the old weights

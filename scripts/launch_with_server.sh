@@ -117,7 +117,7 @@ log "${n_servers} server(s) healthy"
 
 # ----- training ----------------------------------------------------------------------------------------------------
 extra=()
-for ((i = 1; i < n_policy; i++)); do extra+=("\"127.0.0.1:${ports[$i]}\""); done
+for ((i = 1; i < n_policy; i++)); do extra+=("127.0.0.1:${ports[$i]}"); done
 server_keys=(use_vllm_server=true vllm_host=127.0.0.1 "vllm_port=${ports[0]}" "vllm_servers=[$(IFS=,; echo "${extra[*]}")]"
              "vllm_server_transport=$transport")
 [ "$student_server" = 1 ] && server_keys+=("student_vllm_server=127.0.0.1:${ports[$((n_servers - 1))]}")
