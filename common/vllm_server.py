@@ -199,9 +199,10 @@ class VLLMServerEngine:
             return self.weights_version
         spans = choice.get("weight_versions") or []
         versions = {span["version"] for span in spans}
-        if len(versions) != 1:
+        if len(versions) != 1 or not next(iter(versions)).lstrip("-").isdigit():
             raise ServerError(f"vLLM server at {server.name}: a completion sampled by weight versions "
-                              f"{sorted(versions) or 'none reported'}, expected exactly one")
+                              f"{sorted(versions) or 'none reported'}, expected exactly one step number (a server "
+                              f"this run has not synced?)")
         return int(versions.pop())
 
     # ----- weights ------------------------------------------------------------------------------------------------
@@ -219,9 +220,10 @@ class VLLMServerEngine:
         sent = {"buckets": 0}
         if self.rank == 0:
             # walked in full first (ZeRO-3 gathers are collective); ZeRO-3 frees each gathered group after it is
-            # yielded, so keep copies then (process 0 only)
+            # yielded, so keep host copies then (process 0 only)
             keep = _is_zero3(self.accelerator)
-            tensors = [(name, tensor.detach().clone() if keep else tensor.detach()) for name, tensor in weights]
+            tensors = [(name, tensor.detach().to("cpu", copy=True) if keep else tensor.detach())
+                       for name, tensor in weights]
             try:
                 sent = self._send(tensors, version)
             except ServerError as err:
@@ -249,7 +251,7 @@ class VLLMServerEngine:
         """Process 0: pause, transfer, finish under `version`, reset the prefix cache, resume, check versions."""
         if self.transport is None:
             self.transport = make_transport(self.transport_name, self.servers, self.transfer_host,
-                                            self.transfer_port)
+                                            self.transfer_port, self.bucket_bytes)
         for server in self.servers:
             server.request("/pause?mode=wait")
         sent = self.transport.send(self.servers, tensors, self.bucket_bytes, per_request=self.per_request)
@@ -280,8 +282,8 @@ class VLLMServerEngine:
 # ---------------------------------------------------------------------------------------------------------------------
 # Transports: one small interface, connect (once) / send (per sync) / close
 # ---------------------------------------------------------------------------------------------------------------------
-def make_transport(name: str, servers: list[Server], host: str, port: int):
-    return {"gloo": GlooTransport, "nccl": NCCLTransport}[name](servers, host, port or free_port())
+def make_transport(name: str, servers: list[Server], host: str, port: int, bucket_bytes: int):
+    return {"gloo": GlooTransport, "nccl": NCCLTransport}[name](servers, host, port or free_port(), bucket_bytes)
 
 
 def _world_sizes(servers: list[Server]) -> list[int]:
@@ -291,7 +293,7 @@ def _world_sizes(servers: list[Server]) -> list[int]:
 class GlooTransport:
     """Byte buckets broadcast over a gloo group: this process is rank 0, each server's workers follow."""
 
-    def __init__(self, servers: list[Server], host: str, port: int) -> None:
+    def __init__(self, servers: list[Server], host: str, port: int, bucket_bytes: int) -> None:
         from common.vllm_weight_transfer import GlooSender
 
         sizes = _world_sizes(servers)
@@ -333,19 +335,23 @@ class NCCLTransport:
     """vLLM's own NCCL engine with its packed buffers (GPUs; not testable on CPU). The servers are started with
     `--weight-transfer-config '{"backend": "nccl"}'`; this process is NCCL rank 0 and sends from its GPU."""
 
-    def __init__(self, servers: list[Server], host: str, port: int) -> None:
+    def __init__(self, servers: list[Server], host: str, port: int, bucket_bytes: int) -> None:
         from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo, worker_init_payload
         from vllm.distributed.weight_transfer.nccl_common import trainer_init as open_trainer_endpoint
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
         sizes = _world_sizes(servers)
         world = 1 + sum(sizes)
-        self.init_info = NCCLTrainerInitInfo(master_address=host, master_port=port, world_size=world)
+        # the packed buffer size is agreed at init: both sides cut the stream at the same boundaries
+        self.init_info = NCCLTrainerInitInfo(master_address=host, master_port=port, world_size=world,
+                                             packed_buffer_size_bytes=bucket_bytes)
         pool = ThreadPoolExecutor(max_workers=len(servers))
         futures = []
         for i, server in enumerate(servers):
             info = NCCLWeightTransferInitInfo(master_address=host, master_port=port, rank_offset=1 + sum(sizes[:i]),
-                                              world_size=world, packed=True)
+                                              world_size=world, packed=True,
+                                              packed_buffer_size_bytes=bucket_bytes,
+                                              packed_num_buffers=self.init_info.packed_num_buffers)
             futures.append(pool.submit(server.request, "/init_weight_transfer_engine",
                                        {"init_info": worker_init_payload(info)}, "POST", False))
         self.group = open_trainer_endpoint(self.init_info)
@@ -364,9 +370,9 @@ class NCCLTransport:
         device = torch.device("cuda", torch.cuda.current_device())
 
         def broadcast() -> int:
-            packed_nccl_broadcast_producer(iterator=iter([(n, t.to(device)) for n, t in tensors]), group=self.group,
+            packed_nccl_broadcast_producer(iterator=((n, t.to(device)) for n, t in tensors), group=self.group,
                                            src=0, post_iter_func=lambda item: item[1],
-                                           buffer_size_bytes=bucket_bytes,
+                                           buffer_size_bytes=self.init_info.packed_buffer_size_bytes,
                                            num_buffers=self.init_info.packed_num_buffers)
             torch.cuda.current_stream().synchronize()
             return sum(t.numel() * t.element_size() for _, t in tensors)
