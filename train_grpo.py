@@ -20,8 +20,8 @@ Choices this script makes:
 - Rollouts come from vLLM inside each training process (`use_vllm`, common/vllm_engine.py; weights synced after
   every optimizer step, each rollout tagged with the step whose weights sampled it), from vLLM's own server(s)
   (`use_vllm_server`, common/vllm_server.py: weights pushed through its RL endpoints after every optimizer step,
-  the version each server holds checked) or from transformers `generate` on the policy itself (`use_vllm=false`). `rollout/logprob_diff_*` compare the engine's sampling logprobs with
-  the trainer's own at the same temperature.
+  the version each server holds checked) or from transformers `generate` on the policy itself (`use_vllm=false`).
+  `rollout/logprob_diff_*` compare the engine's sampling logprobs with the trainer's own at the same temperature.
 - `share_prompt_prefix`: in each micro-batch every distinct prompt runs through the model once and its KV
   cache serves all of its completions (the G rows of a group repeat the prompt); generation prefills each
   prompt once too. Same logprobs and gradients to float rounding, prompt compute / G. Off for the gradient pass under gradient checkpointing, which drops

@@ -151,7 +151,7 @@ def checkpoint_on_server_failure(accelerator, model, tokenizer, cfg, step: int, 
     Without a server backend the block runs as is."""
     from common.vllm_server import ServerError
 
-    if not getattr(cfg, "use_vllm_server", False):
+    if not (getattr(cfg, "use_vllm_server", False) or getattr(cfg, "student_engine", "hf") == "server"):
         yield
         return
     failure = None

@@ -12,7 +12,7 @@
 #   LAUNCH_BASE_PORT       first server port (default: a free port; the others follow it)
 #   LAUNCH_SERVER_TIMEOUT  seconds to wait for a server to answer /health (default 900)
 #   ACCELERATE_CONFIG      accelerate config for N_TRAIN_GPUS > 1 (default accelerate_configs/zero3.yaml on GPUs,
-#                          accelerate's CPU multi-process default otherwise)
+#                          accelerate_configs/cpu_2proc.yaml, gloo, on CPU)
 #   VLLM_SERVER_ARGS       extra arguments for every server (e.g. "--gpu-memory-utilization 0.85")
 set -uo pipefail
 usage="usage: scripts/launch_with_server.sh N_SERVER_GPUS N_TRAIN_GPUS RECIPE [key=value ...]"
@@ -124,9 +124,14 @@ server_keys=(use_vllm_server=true vllm_host=127.0.0.1 "vllm_port=${ports[0]}" "v
 if [ "$n_train" -gt 1 ]; then
   devices=""
   if [ "$gpus" -gt 0 ]; then devices=$(seq -s, "$n_servers" $((n_servers + n_train - 1))); fi
-  accelerate_args=(--num_processes "$n_train")
-  if [ "$gpus" -gt 0 ]; then accelerate_args+=(--config_file "${ACCELERATE_CONFIG:-accelerate_configs/zero3.yaml}"); fi
-  [ "$gpus" -gt 0 ] || accelerate_args+=(--cpu)
+  main_port=$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+  accelerate_args=(--num_processes "$n_train" --main_process_port "$main_port")
+  if [ "$gpus" -gt 0 ]; then
+    accelerate_args+=(--config_file "${ACCELERATE_CONFIG:-$repo/accelerate_configs/zero3.yaml}")
+  else   # CPU processes over gloo (`--cpu` alone would start one process)
+    export ACCELERATE_USE_CPU=true
+    accelerate_args+=(--config_file "${ACCELERATE_CONFIG:-$repo/accelerate_configs/cpu_2proc.yaml}")
+  fi
   CUDA_VISIBLE_DEVICES=$devices accelerate launch "${accelerate_args[@]}" "$repo/train_grpo.py" --config "$recipe" "$@" \
     "${server_keys[@]}" &
 else

@@ -159,6 +159,7 @@ BYSTANDER = textwrap.dedent('''
 
 
 def test_grpo_through_the_launcher_learns_and_stops_only_its_own_children(model_dir, tmp_path):
+    """One server, two training processes (gloo): every process samples its own prompts, process 0 pushes."""
     def git_status() -> str:
         return subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                               capture_output=True, text=True).stdout
@@ -173,7 +174,7 @@ def test_grpo_through_the_launcher_learns_and_stops_only_its_own_children(model_
         tracked = git_status()
         out = tmp_path / "grpo"
         result = subprocess.run(
-            ["bash", "scripts/launch_with_server.sh", "1", "1", "configs/recipe/quickstart_grpo.yaml",
+            ["bash", "scripts/launch_with_server.sh", "1", "2", "configs/recipe/quickstart_grpo.yaml",
              f"model_name_or_path={model_dir}", f"output_dir={out}", "make_dataset_fn.num_samples=300",
              "reward_funcs=[format]", r"format_pattern=\d.*", "max_completion_length=4", "train_batch_size=64",
              "per_device_train_batch_size=32", "num_generations=8", "learning_rate=5e-3", "temperature=0.9",
