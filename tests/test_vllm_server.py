@@ -159,7 +159,9 @@ BYSTANDER = textwrap.dedent('''
 
 
 def test_grpo_through_the_launcher_learns_and_stops_only_its_own_children(model_dir, tmp_path):
-    """One server, two training processes (gloo): every process samples its own prompts, process 0 pushes."""
+    """One server, two training processes (gloo): every process samples its own prompts, process 0 pushes the
+    weights, every step's rollouts come from the weights of the step before and match the trainer's logprobs, and
+    the reward rises. (Most of its time is start-up: the server and two training processes.)"""
     def git_status() -> str:
         return subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                               capture_output=True, text=True).stdout
