@@ -22,17 +22,13 @@ Choices this script makes:
   (`use_vllm_server`, common/vllm_server.py: weights pushed through its RL endpoints after every optimizer step,
   the version each server holds checked) or from transformers `generate` on the policy itself (`use_vllm=false`).
   `rollout/logprob_diff_*` compare the engine's sampling logprobs with the trainer's own at the same temperature.
-- `share_prompt_prefix`: in each micro-batch every distinct prompt runs through the model once and its KV
-  cache serves all of its completions (the G rows of a group repeat the prompt); generation prefills each
-  prompt once too. Same logprobs and gradients to float rounding, prompt compute / G. Off for the gradient pass under gradient checkpointing, which drops
-  caches; models whose forward takes no cache run every row in full.
-- `logprobs_from_hidden`: while a logprob forward runs, the model's lm_head computes the logprobs of the
-  completion tokens from its input hidden states in chunks instead of returning logits, so
-  the [B, C, V] logits (and their gradient) never exist whole. Checked once on the first batch against the
-  logits path; models that change logits after lm_head (softcapping, scaling) keep the logits path.
+- `share_prompt_prefix`: each distinct prompt of a micro-batch runs once, its KV cache serving its G completions.
+- `logprobs_from_hidden`: the lm_head returns the completion tokens' logprobs, so [B, C, V] logits never exist whole.
+  Both give the same numbers as the plain forward (common/logprobs.py, LogprobScorer).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -45,14 +41,28 @@ from typing import Literal, Optional
 import torch
 
 from common.args import CommonArgs
-from common.config import ConfigError, config_to_dict, fail_fast, load_config, world_size_from_env
-from common.logprobs import completion_logprobs, lm_head_logprobs_agree, rollout_batch
+from common.config import ConfigError, fail_fast, load_config, world_size_from_env
+from common.data import load_train_eval
+from common.logprobs import LogprobDiff, LogprobScorer, RolloutBatch, rollout_batch
 from common.ops import masked_mean, masked_sum
-from common.rewards import combine_rewards
+from common.rewards import RewardResult, get_reward_factory, score_rollouts, weighted_rewards
 from common.teaching import TeacherArgs
-from common.tracking import setup_logging
 
 logger = logging.getLogger("train_grpo")
+
+
+DEFAULT_NUM_GENERATIONS = 8
+
+
+def resolve_num_generations(train_batch_size: int, num_processes: int) -> int:
+    """What `num_generations: null` means: the largest group size <= 8 (>= 2) that divides train_batch_size
+    into a whole number of prompts per process."""
+    for size in range(DEFAULT_NUM_GENERATIONS, 1, -1):
+        if train_batch_size % size == 0 and (train_batch_size // size) % num_processes == 0:
+            return size
+    raise ConfigError(f"key 'num_generations' = null: no group size from 2 to {DEFAULT_NUM_GENERATIONS} divides "
+                      f"train_batch_size {train_batch_size} into prompts split evenly over {num_processes} "
+                      f"processes; set num_generations")
 
 
 @dataclass
@@ -61,7 +71,9 @@ class Config(CommonArgs):
     max_steps: int = 200
     train_batch_size: Optional[int] = 252
     per_device_train_batch_size: Optional[int] = 3
-    num_generations: Optional[int] = None           # null -> 8
+    # completions per prompt; null: 8 when that divides the step, else the largest divisor <= 8 that does
+    # (252 -> 7), so the spec's 252 resolves (resolve_num_generations; the resolved value is what is saved)
+    num_generations: Optional[int] = None
     learning_rate: float = 1e-6
     beta: float = 0.04                               # k3 KL coefficient; 0 loads no reference model
     max_prompt_length: Optional[int] = 2048
@@ -165,12 +177,12 @@ class Config(CommonArgs):
     def validate(self) -> None:
         super().validate()
         from common.rewards import REWARD_REGISTRY
+        world = world_size_from_env()
         if self.num_generations is None:
-            self.num_generations = 8
+            self.num_generations = resolve_num_generations(self.train_batch_size, world)
         if self.num_generations < 2:
             raise ConfigError(f"key 'num_generations' = {self.num_generations}: GRPO needs >= 2 completions per "
                               f"prompt to compare them")
-        world = world_size_from_env()
         if self.train_batch_size % self.num_generations:
             raise ConfigError(f"key 'num_generations' = {self.num_generations} does not divide train_batch_size "
                               f"{self.train_batch_size} (completions per optimizer step)")
@@ -390,73 +402,22 @@ def group_advantages(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Batching and logprobs
-# ---------------------------------------------------------------------------------------------------------------------
-
-def score_rollouts(reward_functions: list, inputs: list) -> torch.Tensor:
-    """[N, F] rewards, NaN where a function returned None (not applicable)."""
-    columns = []
-    for name, function in reward_functions:
-        values = function(inputs)
-        if len(values) != len(inputs):
-            raise RuntimeError(f"reward function {name!r} returned {len(values)} values for {len(inputs)} samples")
-        columns.append([math.nan if v is None else float(v) for v in values])
-    return torch.tensor(columns, dtype=torch.float32).T.reshape(len(inputs), len(columns))
-
-
-def engine_logprobs(rollouts: list, width: int, device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The engine's sampling logprobs as [B, C] (zeros past each completion) and their mask, or (None, None)."""
-    if any(r.logprobs is None for r in rollouts):
-        return None, None
-    values = torch.zeros((len(rollouts), width), dtype=torch.float32)   # [B, C]
-    mask = torch.zeros((len(rollouts), width), dtype=torch.float32)     # [B, C]
-    for i, r in enumerate(rollouts):
-        values[i, :len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
-        mask[i, :len(r.logprobs)] = 1.0
-    return values.to(device), mask.to(device)
-
-
-def weighted_rewards(per_function: torch.Tensor, weights: Optional[list[float]]) -> torch.Tensor:
-    """[N, F] (NaN = None) -> [N] through `combine_rewards`; NaN where every function returned None."""
-    columns = [[None if math.isnan(v) else v for v in column] for column in per_function.T.tolist()]
-    combined = combine_rewards(columns, weights)
-    return torch.tensor([math.nan if r is None else r for r in combined], dtype=torch.float32)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------------
 
 def main(argv: Optional[list[str]] = None) -> None:
     with fail_fast():
         cfg = load_config(Config, argv, description=__doc__)
-    setup_logging(cfg.activate_debugging_logs)
 
     # ----- setup -----------------------------------------------------------------------------------------------------
-    from accelerate.utils import gather_object, set_seed
+    from common.loop import checkpoint_on_server_failure, claim_output_dir, start, training_run
+    from common.models import prepare_frozen_model
+    from common.rollout import HFGenerateEngine, make_engine, vllm_options
+    from common.runtime import bf16_supported
 
-    from common.checkpoint import PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path, save_model
-    from common.loop import (SKIPPED, NonFiniteCounter, check_output_dir, checkpoint_on_server_failure,
-                             checkpoint_or_stop, claim_output_dir, ensure_finite_weights, finite_sampling,
-                             optimizer_step, resumed_step, step_metrics)
-    from common.data import load_train_eval, render_prompt
-    from common.evaluation import build_reward_inputs, greedy_eval
-    from common.logprobs import cache_argument, plain_lm_head
-    from common.models import check_model_source, load_causal_lm, load_tokenizer, prepare_frozen_model
-    from common.rewards import get_reward_factory
-    from common.rollout import HFGenerateEngine, SamplingParams, make_engine, truncate_prompts, vllm_options
-    from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
-                                shard)
-    from common.teaching import TeacherRun, format_teacher_table, is_api_student, needs_reference_model
-    from common.tracking import Tracker
-
-    accelerator = make_accelerator(cfg)
-    set_seed(cfg.seed)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    accelerator, resume_path = start(cfg)
     use_bf16 = cfg.bf16 and bf16_supported()
-    group = cfg.num_generations
-    prompts_per_step = cfg.train_batch_size // group
-    accum = cfg.gradient_accumulation_steps
+    prompts_per_step = cfg.train_batch_size // cfg.num_generations
 
     # ----- data and rewards (before models: bad input fails fast) ----------------------------------------------------
     with fail_fast():
@@ -467,272 +428,141 @@ def main(argv: Optional[list[str]] = None) -> None:
         if cfg.use_vllm_server:   # a server that is down stops the run here, named, before any model loads
             from common.vllm_server import check_servers_up, parse_servers
             check_servers_up(parse_servers(cfg.vllm_host, cfg.vllm_port, cfg.vllm_servers), "vllm_host")
-        check_model_source("model_name_or_path", cfg.model_name_or_path)
-        if cfg.ref_model_name_or_path:
-            check_model_source("ref_model_name_or_path", cfg.ref_model_name_or_path)
-        resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
-        check_output_dir(cfg, resume_path, accelerator.is_main_process)
-        train_examples, eval_examples = load_train_eval(cfg)
-        if len(train_examples) < prompts_per_step:
-            raise ValueError(f"{len(train_examples)} training prompts, fewer than the {prompts_per_step} prompts per "
-                             f"step (train_batch_size / num_generations)")
-        reward_functions = [(name, get_reward_factory(name)(cfg)) for name in cfg.reward_funcs]
-        tokenizer = load_tokenizer(cfg)
-        prompt_texts = [render_prompt(tokenizer, e.prompt) for e in train_examples]
-        all_prompt_ids, num_truncated = truncate_prompts(
-            [tokenizer(text, add_special_tokens=False).input_ids for text in prompt_texts], cfg.max_prompt_length,
-            on_overflow=cfg.prompt_overflow)
-        # >>> teacher run: student checks (loads, tokenizer, rlt's columns) before any model loads
-        teacher = TeacherRun.prepare(cfg, reward_functions, train_examples, tokenizer) if cfg.trainer_args else None
-    if num_truncated:
-        logger.warning("%d of %d prompts are longer than max_prompt_length=%d tokens: their start is cut off "
-                       "(set prompt_overflow=error to stop instead)", num_truncated, len(all_prompt_ids),
-                       cfg.max_prompt_length)
-    rounds_per_epoch = len(train_examples) // prompts_per_step
+        inputs = load_inputs(cfg, prompts_per_step)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(
-        1, math.ceil(rounds_per_epoch * cfg.num_train_epochs) * cfg.num_iterations)
-    # locked, config.yaml written, stale metrics rows dropped; the lock is held until the process exits
-    run_dir = claim_output_dir(cfg, resume_path, resumed_step(resume_path), accelerator.is_main_process)
-    logger.info("%d train prompts, %d eval, %d prompts x %d completions per step, %d steps", len(train_examples),
-                len(eval_examples), prompts_per_step, group, total_steps)
-
-    def combined_reward(inputs: list) -> list:
-        rewards = weighted_rewards(score_rollouts(reward_functions, inputs), cfg.reward_weights)
-        return [None if math.isnan(r) else float(r) for r in rewards.tolist()]
+        1, math.ceil(len(inputs.train_examples) // prompts_per_step * cfg.num_train_epochs) * cfg.num_iterations)
+    claimed = claim_output_dir(cfg, resume_path, accelerator.is_main_process)   # locked until the run ends
+    logger.info("%d train prompts, %d eval, %d prompts x %d completions per step, %d steps",
+                len(inputs.train_examples), len(inputs.eval_examples), prompts_per_step, cfg.num_generations,
+                total_steps)
 
     # ----- models ----------------------------------------------------------------------------------------------------
-    model = load_causal_lm(cfg, use_bf16=use_bf16)
-    reference = None
-    if (cfg.beta != 0 or needs_reference_model(cfg)) and not cfg.use_peft:
-        reference = load_causal_lm(cfg, cfg.ref_model_name_or_path or cfg.model_name_or_path, use_bf16=use_bf16,
-                                   trainable=False)
-    student = None   # >>> teacher run: a student model of its own (frozen, never updated)
-    if teacher is not None and cfg.student_model is not None and not is_api_student(cfg.student_model):
-        student = load_causal_lm(cfg, cfg.student_model, use_bf16=use_bf16, trainable=False)
-    optimizer = make_optimizer(cfg, model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # after prepare: DeepSpeed may regroup the parameters, and the schedule must drive the groups it steps
-    scheduler = make_scheduler(cfg, optimizer, total_steps)
-    accelerator.register_for_checkpointing(scheduler)
-    if reference is not None:
-        reference = prepare_frozen_model(accelerator, reference)
-    if student is not None:
-        student = prepare_frozen_model(accelerator, student)
+    model, reference, student = load_models(cfg, inputs.teacher, use_bf16)
+    with training_run(cfg, accelerator, model, total_steps, resume_path, claimed) as run:
+        model = run.model
+        reference = prepare_frozen_model(accelerator, reference) if reference is not None else None
+        student = prepare_frozen_model(accelerator, student) if student is not None else None
+        if run.resume_path is not None and reference is not None and cfg.sync_ref_model:
+            load_synced_reference(cfg, accelerator, reference, run.resume_path, use_bf16)
+        if cfg.use_vllm_server:   # vLLM's own server(s), synced with the training weights (resumed ones too)
+            from common.vllm_server import server_options
+            engine = make_engine("server", **server_options(cfg, inputs.tokenizer, accelerator))
+        elif cfg.use_vllm:   # loaded from the policy's path, then synced with the training weights (resumed ones too)
+            engine = make_engine("vllm", model_path=cfg.model_name_or_path, tokenizer=inputs.tokenizer,
+                                 accelerator=accelerator, **vllm_options(cfg, use_bf16))
+        else:
+            engine = HFGenerateEngine(model, inputs.tokenizer, accelerator=accelerator,
+                                      batch_size=cfg.generation_batch_size, share_prompt_prefill=cfg.share_prompt_prefix)
+        run.close_at_exit(engine)
+        with checkpoint_on_server_failure(accelerator, model, inputs.tokenizer, cfg, 0, {}):
+            weights_version = engine.sync_weights(model, version=run.start_step)   # = the optimizer step of weights
+        if inputs.teacher is not None:   # >>> teacher run: the student's engine and the episode loop on the models
+            inputs.teacher.connect(accelerator, model, reference, student, engine, inputs.tokenizer,
+                                   inputs.reward_functions)
+        completed = train(cfg, run, inputs, engine, weights_version, reference, prompts_per_step)
+    if completed:
+        accelerator.end_training()
 
-    start_step = 0
-    if resume_path is not None:
-        start_step = load_checkpoint(accelerator, resume_path)["step"]
-        if reference is not None and cfg.sync_ref_model and (resume_path / "ref_model").is_dir():
-            synced = load_causal_lm(cfg, str(resume_path / "ref_model"), use_bf16=use_bf16, trainable=False)
-            accelerator.unwrap_model(reference).load_state_dict(synced.state_dict())
-        logger.info("resumed from %s at step %d", resume_path, start_step)
-    tracker = Tracker(cfg, accelerator.is_main_process, config_to_dict(cfg), total_steps, resume=start_step > 0)
-    preemption = PreemptionFlag(cfg.output_dir, accelerator.is_main_process)
-    nonfinite = NonFiniteCounter(cfg.max_consecutive_nonfinite)
-    if cfg.use_vllm_server:   # vLLM's own server(s), synced with the training weights (resumed ones too)
-        from common.vllm_server import server_options
-        engine = make_engine("server", **server_options(cfg, tokenizer, accelerator))
-    elif cfg.use_vllm:   # loaded from the policy's path, then synced with the training weights (resumed ones too)
-        engine = make_engine("vllm", model_path=cfg.model_name_or_path, tokenizer=tokenizer, accelerator=accelerator,
-                             **vllm_options(cfg, use_bf16))
-    else:
-        engine = HFGenerateEngine(model, tokenizer, accelerator=accelerator, batch_size=cfg.generation_batch_size,
-                                  share_prompt_prefill=cfg.share_prompt_prefix)
-    with checkpoint_on_server_failure(accelerator, model, tokenizer, cfg, 0, {}):
-        weights_version = engine.sync_weights(model, version=start_step)   # = the optimizer step of the weights
-    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
-                              repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_completion_length,
-                              num_generations=group)
-    logprob_temperature = cfg.temperature if cfg.unbias_log_probabilities and cfg.temperature > 0 else 1.0
-    if teacher is not None:   # >>> teacher run: the student's engine and the episode loop on the loaded models
-        teacher.connect(accelerator, model, reference, student, engine, tokenizer, reward_functions)
 
-    # Shared-prompt forwards (share_prompt_prefix): the cache keyword of each model, or None to run rows in full.
-    policy_cache_arg = cache_argument(accelerator.unwrap_model(model)) if cfg.share_prompt_prefix else None
-    reference_cache_arg = cache_argument(accelerator.unwrap_model(reference)) \
-        if reference is not None and cfg.share_prompt_prefix else None   # a separate, never-checkpointed model
-    if cfg.share_prompt_prefix and policy_cache_arg is None:
-        logger.warning("share_prompt_prefix: the model's forward takes no KV cache; every row runs in full")
-    train_cache_arg = None if cfg.gradient_checkpointing else policy_cache_arg   # checkpointed layers drop caches
-    # logprobs_from_hidden: each model's lm_head, kept after a check on the first batch (verified_head)
-    policy_head = plain_lm_head(accelerator.unwrap_model(model)) if cfg.logprobs_from_hidden else None
-    reference_head = policy_head if reference is None else (
-        plain_lm_head(accelerator.unwrap_model(reference)) if cfg.logprobs_from_hidden else None)
-    heads_checked = False
+@dataclass
+class Inputs:
+    """What a run reads before any model loads: data, prompts, reward functions, a teacher run's checks."""
+    tokenizer: object
+    train_examples: list
+    eval_examples: list
+    prompts: list                     # (rendered text, token ids) per training example
+    reward_functions: list            # (name, function)
+    teacher: Optional[object] = None  # a TeacherRun (trainer_args set)
 
-    def verified_head(net, head, batch: dict, cache_arg: Optional[str], name: str):
-        if head is None:
-            if cfg.logprobs_from_hidden:
-                logger.warning("logprobs_from_hidden: the %s has no plain bias-free lm_head; using its logits", name)
-            return None
-        agree = lm_head_logprobs_agree(accelerator.unwrap_model(net), head, batch, logprob_temperature, cache_arg)
-        # every process must take the same path (ZeRO-3 runs the forwards together)
-        disagree = accelerator.reduce(torch.tensor(float(not agree), device=accelerator.device), "max").item()
-        if disagree:
-            logger.warning("logprobs_from_hidden: the %s's logprobs through lm_head differ from those through its "
-                           "logits (a transform after lm_head, such as softcapping or scaling?); using its logits", name)
-            return None
-        return head
 
-    def reference_logprobs(batch: dict) -> Optional[torch.Tensor]:
-        if cfg.beta == 0:
-            return None
-        with torch.no_grad():
-            if reference is not None:
-                return completion_logprobs(reference, batch, logprob_temperature, reference_cache_arg, reference_head)
-            with accelerator.unwrap_model(model).disable_adapter():  # PEFT: the base model is the reference
-                return completion_logprobs(model, batch, logprob_temperature, train_cache_arg, policy_head)
+def load_inputs(cfg, prompts_per_step: int) -> Inputs:
+    from common.models import check_model_source, load_tokenizer
+    from common.teaching import TeacherRun
+    check_model_source("model_name_or_path", cfg.model_name_or_path)
+    if cfg.ref_model_name_or_path:
+        check_model_source("ref_model_name_or_path", cfg.ref_model_name_or_path)
+    train_examples, eval_examples = load_train_eval(cfg)
+    if len(train_examples) < prompts_per_step:
+        raise ValueError(f"{len(train_examples)} training prompts, fewer than the {prompts_per_step} prompts per "
+                         f"step (train_batch_size / num_generations)")
+    reward_functions = [(name, get_reward_factory(name)(cfg)) for name in cfg.reward_funcs]
+    tokenizer = load_tokenizer(cfg)
+    prompts = encode_prompts(cfg, tokenizer, train_examples)
+    # >>> teacher run: student checks (loads, tokenizer, rlt's columns) before any model loads
+    teacher = TeacherRun.prepare(cfg, reward_functions, train_examples, tokenizer) if cfg.trainer_args else None
+    return Inputs(tokenizer, train_examples, eval_examples, prompts, reward_functions, teacher)
 
-    def evaluate(step: int) -> dict:
-        if teacher is not None:   # >>> teacher run: greedy teacher, greedy student, with and without the teaching
-            result = teacher.loop.evaluate(accelerator, eval_examples[:cfg.eval_max_samples], cfg.max_completion_length,
-                                           batch_size=cfg.per_device_eval_batch_size * 8)
-            tracker.log({"eval/teacher/student_accuracy": result["student_accuracy"],
-                         "eval/teacher/baseline_accuracy": result["baseline_accuracy"],
-                         "eval/num_samples": result["num_scored"]}, step)
-            return result
-        result = greedy_eval(accelerator, model, tokenizer, eval_examples, combined_reward, cfg.max_completion_length,
-                             cfg.eval_max_samples, batch_size=cfg.per_device_eval_batch_size * 8,
-                             engine=engine if cfg.use_vllm or cfg.use_vllm_server else None)
-        metrics = {"eval/reward": result["accuracy"], "eval/num_samples": result["num_scored"]}
-        tracker.log(metrics, step)
-        return result
 
-    start_eval = evaluate(start_step) if cfg.eval_on_start and eval_examples and cfg.do_eval else None
+def train(cfg, run, inputs: Inputs, engine, weights_version: int, reference, prompts_per_step: int) -> bool:
+    """The GRPO loop: rollout -> reward -> old / reference logprobs -> update -> log -> checkpoint, then the final
+    save and eval. False when a preemption stopped it."""
+    from common.loop import MetricSums, checkpoint_on_server_failure
+    accelerator, model, tokenizer, teacher = run.accelerator, run.model, inputs.tokenizer, inputs.teacher
+    rank, world, reward_functions = accelerator.process_index, accelerator.num_processes, inputs.reward_functions
+    sampling = sampling_params(cfg)
+    policy, reference_scorer = make_scorers(cfg, accelerator, model, reference)
+    evaluate = functools.partial(evaluate_policy, cfg, run, teacher, engine, tokenizer, inputs.eval_examples,
+                                 functools.partial(combined_reward, reward_functions, cfg.reward_weights))
+    do_eval = cfg.do_eval and bool(inputs.eval_examples)
+    start_eval = evaluate(run.start_step) if cfg.eval_on_start and do_eval else None
 
-    # ----- train -----------------------------------------------------------------------------------------------------
+    # ----- train -------------------------------------------------------------------------------------------------
     model.train()
-    micro_batches: list[dict] = []
-    fresh_rollouts = False
-    step = start_step
-    for step in range(start_step + 1, total_steps + 1):
+    batches: list[RolloutBatch] = []
+    step = run.start_step
+    for step in range(run.start_step + 1, run.total_steps + 1):
         step_start = time.time()
         metrics: dict[str, float] = {}
-        if (step - 1) % cfg.num_iterations == 0 or not micro_batches:
-            # ----- rollout ---------------------------------------------------------------------------------------
-            generation_round = (step - 1) // cfg.num_iterations
-            epoch, round_in_epoch = divmod(generation_round, rounds_per_epoch)
-            prompt_indices = global_batches(len(train_examples), prompts_per_step, cfg.seed, epoch,
-                                            cfg.shuffle_generation_inputs)[round_in_epoch]
-            local_indices = shard(prompt_indices, rank, world)
-            # a server down: checkpoint of the weights so far, then stop
+        fresh_rollouts = (step - 1) % cfg.num_iterations == 0 or not batches
+        if fresh_rollouts:   # sampled by the weights the first update of this batch starts from
+            # ----- rollout -------------------------------------------------------------------------------------
+            local_indices = step_prompts(cfg, step, len(inputs.train_examples), prompts_per_step, rank, world)
+            # a server down: a checkpoint of the weights so far, then stop
             with checkpoint_on_server_failure(accelerator, model, tokenizer, cfg, step - 1,
                                               {"generation_round": (step - 1) // cfg.num_iterations}):
-                if teacher is not None:   # >>> teacher run: episodes; the rollouts' prompts are the teacher prompts
-                    episodes = teacher.loop.run([train_examples[i] for i in local_indices], sampling, step)
-                    rollouts = episodes.rollouts
-                else:
-                    with finite_sampling(accelerator, step, model):
-                        rollouts = engine.generate([all_prompt_ids[i] for i in local_indices], sampling)  # prompts x G
+                rollouts, episodes = sample_rollouts(run, engine, teacher, sampling, inputs, local_indices, step,
+                                                     weights_version)
             generate_seconds = time.time() - step_start
-            stale = sorted({r.weights_version for r in rollouts} - {weights_version})
-            if stale:
-                raise RuntimeError(f"step {step}: rollouts sampled with weights version(s) {stale}, the policy's is "
-                                   f"{weights_version} (a weight sync was missed)")
-            fresh_rollouts = True   # sampled by the weights the first update of this batch starts from
 
-            # ----- reward ----------------------------------------------------------------------------------------
-            reward_start = time.time()
-            sources = [local_indices[r.prompt_index] for r in rollouts]
-            inputs = build_reward_inputs([train_examples[i] for i in sources], [r.completion_text for r in rollouts],
-                                         [prompt_texts[i] for i in sources]) if teacher is None else episodes.inputs
-            per_function = score_rollouts(reward_functions, inputs)                       # [N_local, F]
-            if teacher is not None:   # >>> a sample whose student call failed is unscored, never wrong
-                per_function = teacher.mask_failed(per_function, episodes)
-            all_per_function = accelerator.gather(per_function.to(accelerator.device)).cpu()   # [N, F]
-            all_rewards = weighted_rewards(all_per_function, cfg.reward_weights)         # [N]
-            advantages, reward_stats = group_advantages(all_rewards, group, cfg.scale_rewards)
-            local_advantages = advantages.view(world, -1)[rank]                          # this rank's groups
-            reward_seconds = time.time() - reward_start
-            for f, (name, function) in enumerate(reward_functions):
-                column = all_per_function[:, f]
-                metrics[f"rewards/{name}/mean"] = column.nanmean().item()
-                metrics[f"rewards/{name}/std"] = column[~column.isnan()].std().item() if (~column.isnan()).sum() > 1 \
-                    else 0.0
-                if hasattr(function, "pop_metrics"):
-                    metrics.update(function.pop_metrics())
-            metrics.update({"reward": reward_stats["reward_mean"], "reward_std": reward_stats["reward_std"],
-                            "frac_reward_none": reward_stats["frac_reward_none"],
-                            "frac_zero_std_groups": reward_stats["frac_zero_std_groups"]})
-            lengths = torch.tensor([float(len(r.completion_ids)) for r in rollouts], device=accelerator.device)
-            truncated = torch.tensor([float(r.finish_reason == "length") for r in rollouts], device=accelerator.device)
-            all_lengths, all_truncated = accelerator.gather(lengths), accelerator.gather(truncated)
-            metrics.update({"completions/mean_length": all_lengths.mean().item(),
-                            "completions/max_length": all_lengths.max().item(),
-                            "completions/truncated_frac": all_truncated.mean().item(),
-                            "time/generate": generate_seconds, "time/reward": reward_seconds,
-                            "rollout/weights_version": float(weights_version),
-                            "rollout/tokens_per_second": all_lengths.sum().item() / max(generate_seconds, 1e-9)})
+            # ----- reward --------------------------------------------------------------------------------------
+            samples = episodes.inputs if teacher is not None else reward_inputs(inputs, rollouts, local_indices)
+            rewards = score_rewards(cfg, accelerator, reward_functions, samples, teacher, episodes)   # all processes
+            local_rewards = rewards.local(rank, world)
+            reward_seconds = time.time() - step_start - generate_seconds
+            metrics.update({**reward_metrics(rewards, reward_functions), "time/reward": reward_seconds,
+                            **rollout_metrics(accelerator, rollouts, generate_seconds, weights_version)})
             if cfg.log_completions:
-                picker = random.Random(cfg.seed * 1_000_003 + step)
-                rows = [{"prompt": inp.prompt, "completion": inp.completion, "ground_truth": inp.ground_truth,
-                         "reward": None if math.isnan(float(all_rewards.view(world, -1)[rank][i])) else
-                         float(all_rewards.view(world, -1)[rank][i]), "advantage": float(local_advantages[i])}
-                        for i, inp in enumerate(inputs) if picker.random() < cfg.logging_prob]
-                tracker.log_completions(gather_object(rows), step)
+                log_sampled_completions(cfg, run, samples, local_rewards, step)
             if teacher is not None:   # >>> teacher metrics and the sampled episodes, whole
                 metrics.update(teacher.step_metrics(accelerator, episodes))
-                local_rewards = all_rewards.view(world, -1)[rank]
-                local_per_function = all_per_function.view(world, -1, len(reward_functions))[rank]
-                teacher.log_episodes(accelerator, episodes, local_rewards.tolist(), local_advantages.tolist(),
-                                     {name: local_per_function[:, f].tolist()
-                                      for f, (name, _) in enumerate(reward_functions)}, step)
+                log_episodes(teacher, accelerator, episodes, local_rewards, reward_functions, step)
 
-            # ----- old and reference logprobs, once per generation batch -----------------------------------------
-            micro_batches = []
-            for start in range(0, len(rollouts), cfg.per_device_train_batch_size):
-                chunk = rollouts[start: start + cfg.per_device_train_batch_size]
-                batch = rollout_batch(chunk, tokenizer.pad_token_id, cfg.mask_truncated_completions,
-                                      share_prompts=cfg.share_prompt_prefix)
-                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                batch["advantages"] = local_advantages[start: start + len(chunk)].to(accelerator.device)
-                batch["engine_logps"], batch["engine_mask"] = engine_logprobs(chunk, batch["completion_width"],
-                                                                              accelerator.device)
-                if not heads_checked:
-                    policy_head = verified_head(model, policy_head, batch, train_cache_arg, "policy")
-                    if reference is not None and cfg.beta != 0:
-                        reference_head = verified_head(reference, reference_head, batch, reference_cache_arg,
-                                                       "reference model")
-                    else:
-                        reference_head = policy_head
-                    heads_checked = True
-                with torch.no_grad():
-                    # the same forward as the update's, so the first ratio is exactly 1
-                    batch["old_logps"] = (completion_logprobs(model, batch, logprob_temperature, train_cache_arg,
-                                                              policy_head)
-                                          if cfg.num_iterations > 1 else None)
-                batch["ref_logps"] = reference_logprobs(batch)
-                micro_batches.append(batch)
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-            metrics["tokens"] = accelerator.reduce(torch.tensor(float(tokens), device=accelerator.device), "sum").item()
+            # ----- old and reference logprobs, once per generation batch ---------------------------------------
+            batches = scored_batches(cfg, accelerator, rollouts, local_rewards.advantages, tokenizer.pad_token_id,
+                                     policy, reference_scorer)
+            metrics["tokens"] = run.sum_over_processes(sum(int(b.attention_mask.sum()) for b in batches)).item()
 
-        # ----- update ----------------------------------------------------------------------------------------------
+        # ----- update ------------------------------------------------------------------------------------------
         train_start = time.time()
-        local_items = sum(float(b["completion_mask"].sum()) for b in micro_batches)
-        num_items = accelerator.reduce(torch.tensor(local_items, device=accelerator.device), "sum")
+        num_items = run.sum_over_processes(sum(float(b.completion_mask.sum()) for b in batches))
         # dapo divides by the step's global token count: undo accelerate's 1/accum and DDP's 1/world
+        accum = cfg.gradient_accumulation_steps
         scale = accum * world if cfg.loss_type == "dapo" else 1.0
-        sums = torch.zeros(5, device=accelerator.device)  # loss, kl, clip low, clip high, clip region
-        diff_stats = torch.zeros(3, device=accelerator.device)  # |engine - trainer| logprob sum, tokens, max
-        measure_diff = fresh_rollouts and sampling.temperature == logprob_temperature
-        fresh_rollouts = False
-        for batch in micro_batches:
+        sums = MetricSums(accelerator.device)
+        logprob_diff = LogprobDiff(accelerator.device) if fresh_rollouts and \
+            sampling.temperature == policy.temperature else None
+        for batch in batches:
             with accelerator.accumulate(model):
-                logps = completion_logprobs(model, batch, logprob_temperature, train_cache_arg, policy_head)  # [B, C]
+                logps = policy(batch)                                                                   # [B, C]
                 loss, loss_metrics = grpo_loss(
-                    logps, batch["old_logps"], batch["ref_logps"], batch["advantages"], batch["completion_mask"],
+                    logps, batch.old_logps, batch.ref_logps, batch.advantages, batch.completion_mask,
                     loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                     beta=cfg.beta, max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items)
                 accelerator.backward(loss * scale)
-            if measure_diff and batch["engine_logps"] is not None:
-                diff = (logps.detach() - batch["engine_logps"]).abs() * batch["engine_mask"]       # [B, C]
-                diff_stats[:2] += torch.stack([diff.sum(), batch["engine_mask"].sum()]).float()
-                diff_stats[2] = torch.maximum(diff_stats[2], diff.max().float())
-            sums += torch.stack([loss.detach() * scale / accum, loss_metrics.get("kl", torch.zeros(())).detach(),
-                                 loss_metrics["clip_ratio/low"], loss_metrics["clip_ratio/high"],
-                                 loss_metrics["clip_ratio/region"]]).to(sums.device)
-        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, sums[0], nonfinite,
-                                   step)
+            if logprob_diff is not None:
+                logprob_diff.add(logps, batch)
+            sums.add({"loss": loss.detach() * scale / accum, **loss_metrics})
+        grad_norm = run.optimizer_step(sums["loss"], step)
         sync_start = time.time()
         with checkpoint_on_server_failure(accelerator, model, tokenizer, cfg, step,
                                           {"generation_round": step // cfg.num_iterations}):
@@ -743,59 +573,241 @@ def main(argv: Optional[list[str]] = None) -> None:
         if reference is not None and cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
             sync_reference(accelerator, model, reference, cfg.ref_model_mixup_alpha)
 
-        # ----- log -------------------------------------------------------------------------------------------------
-        totals = accelerator.reduce(sums, reduction="mean")
+        # ----- log ---------------------------------------------------------------------------------------------
+        means = sums.reduced(accelerator, reduction="mean")
         elapsed = time.time() - step_start
-        metrics.update({"loss": totals[0].item(),
-                        "clip_ratio/low": totals[2].item() / len(micro_batches),
-                        "clip_ratio/high": totals[3].item() / len(micro_batches),
-                        "clip_ratio/region": totals[4].item() / len(micro_batches),
-                        **step_metrics(grad_norm, nonfinite),
-                        "lr": scheduler.get_last_lr()[0], "time/train": time.time() - train_start,
-                        "step_seconds": elapsed})
+        metrics.update({"loss": means.pop("loss"), **{name: value / len(batches) for name, value in means.items()},
+                        **run.step_metrics(grad_norm), "time/train": time.time() - train_start,
+                        "step_seconds": elapsed, **(logprob_diff.metrics(accelerator) if logprob_diff else {})})
         if teacher is not None:
             metrics["time/update"] = metrics["time/train"]
-        if cfg.beta != 0:
-            metrics["kl"] = totals[1].item() / len(micro_batches)
-        if measure_diff:
-            diff_sum, diff_tokens = accelerator.reduce(diff_stats[:2], reduction="sum").tolist()
-            diff_max = accelerator.reduce(diff_stats[2:], reduction="max").item()
-            if diff_tokens:
-                metrics.update({"rollout/logprob_diff_mean": diff_sum / diff_tokens,
-                                "rollout/logprob_diff_max": diff_max})
         if "tokens" in metrics:
             metrics["tokens_per_second"] = metrics.pop("tokens") / max(elapsed, 1e-9)
-        if step % cfg.logging_steps == 0 or step == total_steps or grad_norm == SKIPPED:
-            tracker.log(metrics, step)
-        if cfg.do_eval and eval_examples and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step != total_steps:
+        if run.should_log(step, grad_norm):
+            run.tracker.log(metrics, step)
+        if do_eval and cfg.eval_steps > 0 and step % cfg.eval_steps == 0 and step != run.total_steps:
             evaluate(step)
 
-        # ----- checkpoint ------------------------------------------------------------------------------------------
-        extra = {"ref_model": reference} if reference is not None and cfg.sync_ref_model else None
-        if checkpoint_or_stop(accelerator, preemption, model, tokenizer, cfg, step,
-                              {"generation_round": step // cfg.num_iterations}, extra_models=extra):
-            engine.close()
-            tracker.close()
-            return
+        # ----- checkpoint --------------------------------------------------------------------------------------
+        if run.checkpoint_or_stop(tokenizer, step, extra_models={"ref_model": reference}
+                                  if reference is not None and cfg.sync_ref_model else None):
+            return False
 
-    # ----- final save and eval ---------------------------------------------------------------------------------------
-    ensure_finite_weights(accelerator, step, model)
-    save_model(accelerator, model, tokenizer, Path(cfg.output_dir))
-    if cfg.push_to_hub:
-        push_final_model(accelerator, cfg.output_dir, cfg.hub_model_id)
-    if cfg.do_eval and eval_examples:
-        final_eval = evaluate(step)
-        if accelerator.is_main_process and teacher is not None:
-            rows = ([("start", start_eval)] if start_eval else []) + [(f"GRPO ({cfg.output_dir}, step {step})", final_eval)]
-            print(format_teacher_table(rows), flush=True)
-        elif accelerator.is_main_process:
-            from common.evaluation import format_accuracy_table, start_rows
-            rows = start_rows(cfg.output_dir, cfg.model_name_or_path, start_step, start_eval) + [
-                (f"GRPO ({cfg.output_dir}, step {step})", final_eval)]
-            print(format_accuracy_table(rows), flush=True)
-    engine.close()
-    tracker.close()
-    accelerator.end_training()
+    # ----- final save and eval -----------------------------------------------------------------------------------
+    run.finish(tokenizer, step)
+    if do_eval:
+        print_final_table(cfg, run, teacher, start_eval, evaluate(step), step)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stages of a step
+# ---------------------------------------------------------------------------------------------------------------------
+
+def step_prompts(cfg, step: int, num_examples: int, prompts_per_step: int, rank: int, world: int) -> list[int]:
+    """This process's training prompts for the generation round of `step` (one round serves num_iterations
+    steps; each epoch a fresh seeded order)."""
+    from common.runtime import global_batches, shard
+    epoch, round_in_epoch = divmod((step - 1) // cfg.num_iterations, num_examples // prompts_per_step)
+    prompt_indices = global_batches(num_examples, prompts_per_step, cfg.seed, epoch, cfg.shuffle_generation_inputs)
+    return shard(prompt_indices[round_in_epoch], rank, world)
+
+
+def sampling_params(cfg):
+    from common.rollout import SamplingParams
+    return SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+                          repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_completion_length,
+                          num_generations=cfg.num_generations)
+
+
+def encode_prompts(cfg, tokenizer, train_examples: list) -> list[tuple[str, list[int]]]:
+    """Each training prompt as (rendered text, token ids cut to max_prompt_length per prompt_overflow)."""
+    from common.data import render_prompt
+    from common.rollout import truncate_prompts
+    texts = [render_prompt(tokenizer, e.prompt) for e in train_examples]
+    ids, num_truncated = truncate_prompts([tokenizer(text, add_special_tokens=False).input_ids for text in texts],
+                                          cfg.max_prompt_length, on_overflow=cfg.prompt_overflow)
+    if num_truncated:
+        logger.warning("%d of %d prompts are longer than max_prompt_length=%d tokens: their start is cut off "
+                       "(set prompt_overflow=error to stop instead)", num_truncated, len(ids), cfg.max_prompt_length)
+    return list(zip(texts, ids))
+
+
+def load_models(cfg, teacher, use_bf16: bool):
+    """-> (policy, reference or None, a teacher run's own student or None); the frozen ones not yet placed."""
+    from common.models import load_causal_lm
+    from common.teaching import is_api_student, needs_reference_model
+    model = load_causal_lm(cfg, use_bf16=use_bf16)
+    reference = None
+    if (cfg.beta != 0 or needs_reference_model(cfg)) and not cfg.use_peft:
+        reference = load_causal_lm(cfg, cfg.ref_model_name_or_path or cfg.model_name_or_path, use_bf16=use_bf16,
+                                   trainable=False)
+    student = None   # >>> teacher run: a student model of its own (frozen, never updated)
+    if teacher is not None and cfg.student_model is not None and not is_api_student(cfg.student_model):
+        student = load_causal_lm(cfg, cfg.student_model, use_bf16=use_bf16, trainable=False)
+    return model, reference, student
+
+
+def load_synced_reference(cfg, accelerator, reference, resume_path: Path, use_bf16: bool) -> None:
+    """sync_ref_model: the resumed checkpoint's reference weights (saved beside the policy's), when it has them."""
+    from common.models import load_causal_lm
+    if (resume_path / "ref_model").is_dir():
+        synced = load_causal_lm(cfg, str(resume_path / "ref_model"), use_bf16=use_bf16, trainable=False)
+        accelerator.unwrap_model(reference).load_state_dict(synced.state_dict())
+
+
+def make_scorers(cfg, accelerator, model, reference):
+    """The policy's LogprobScorer and the reference's (None when beta == 0: no KL term). With PEFT the reference is
+    the policy with its adapters disabled."""
+    temperature = cfg.temperature if cfg.unbias_log_probabilities and cfg.temperature > 0 else 1.0
+    options = dict(share_prompts=cfg.share_prompt_prefix, from_hidden=cfg.logprobs_from_hidden)
+    policy = LogprobScorer(accelerator, model, "policy", temperature, keeps_cache=not cfg.gradient_checkpointing,
+                           **options)
+    if cfg.beta == 0:
+        return policy, None
+    if reference is None:
+        return policy, LogprobScorer.adapter_free(policy)
+    return policy, LogprobScorer(accelerator, reference, "reference model", temperature, **options)
+
+
+def sample_rollouts(run, engine, teacher, sampling, inputs: Inputs, local_indices: list, step: int,
+                    weights_version: int):
+    """This process's rollouts of the step (prompts x G, each group adjacent) -> (rollouts, teacher episodes or None).
+    A teacher run's rollouts are the teacher's samples of student -> teacher -> student episodes."""
+    from common.loop import finite_sampling
+    episodes = None
+    if teacher is not None:   # >>> teacher run: episodes; the rollouts' prompts are the teacher prompts
+        episodes = teacher.loop.run([inputs.train_examples[i] for i in local_indices], sampling, step)
+        rollouts = episodes.rollouts
+    else:
+        with finite_sampling(run.accelerator, step, run.model):
+            rollouts = engine.generate([inputs.prompts[i][1] for i in local_indices], sampling)   # prompts x G
+    stale = sorted({r.weights_version for r in rollouts} - {weights_version})
+    if stale:
+        raise RuntimeError(f"step {step}: rollouts sampled with weights version(s) {stale}, the policy's is "
+                           f"{weights_version} (a weight sync was missed)")
+    return rollouts, episodes
+
+
+def reward_inputs(inputs: Inputs, rollouts: list, local_indices: list) -> list:
+    """What the reward functions see of each rollout: its example, its completion and its prompt text."""
+    from common.evaluation import build_reward_inputs
+    example_ids = [local_indices[r.prompt_index] for r in rollouts]
+    return build_reward_inputs([inputs.train_examples[i] for i in example_ids], [r.completion_text for r in rollouts],
+                               [inputs.prompts[i][0] for i in example_ids])
+
+
+def score_rewards(cfg, accelerator, reward_functions: list, inputs: list, teacher, episodes) -> RewardResult:
+    """Score this process's samples, gather every process's, weight, and take group advantages."""
+    per_function = score_rollouts(reward_functions, inputs)                                    # [N_local, F]
+    if teacher is not None:   # >>> a sample whose student call failed is unscored, never wrong
+        per_function = teacher.mask_failed(per_function, episodes)
+    per_function = accelerator.gather(per_function.to(accelerator.device)).cpu()             # [N, F]
+    combined = weighted_rewards(per_function, cfg.reward_weights)                             # [N]
+    advantages, stats = group_advantages(combined, cfg.num_generations, cfg.scale_rewards)
+    return RewardResult(per_function, combined, advantages, stats)
+
+
+def combined_reward(reward_functions: list, weights: Optional[list[float]], inputs: list) -> list:
+    """The weighted reward as a reward function (None where every function returned None): for the evals."""
+    rewards = weighted_rewards(score_rollouts(reward_functions, inputs), weights)
+    return [None if math.isnan(r) else float(r) for r in rewards.tolist()]
+
+
+def reward_metrics(rewards: RewardResult, reward_functions: list) -> dict:
+    """Mean and std of each reward function (over the samples it scored), the functions' own, the batch's."""
+    metrics = {}
+    for f, (name, function) in enumerate(reward_functions):
+        column = rewards.per_function[:, f]
+        scored = column[~column.isnan()]
+        metrics[f"rewards/{name}/mean"] = column.nanmean().item()
+        metrics[f"rewards/{name}/std"] = scored.std().item() if scored.numel() > 1 else 0.0
+        if hasattr(function, "pop_metrics"):
+            metrics.update(function.pop_metrics())
+    return {**metrics, "reward": rewards.stats["reward_mean"], "reward_std": rewards.stats["reward_std"],
+            "frac_reward_none": rewards.stats["frac_reward_none"],
+            "frac_zero_std_groups": rewards.stats["frac_zero_std_groups"]}
+
+
+def rollout_metrics(accelerator, rollouts: list, generate_seconds: float, weights_version: int) -> dict:
+    """Completion lengths and truncation over every process, generation time and throughput."""
+    lengths = torch.tensor([float(len(r.completion_ids)) for r in rollouts], device=accelerator.device)
+    truncated = torch.tensor([float(r.finish_reason == "length") for r in rollouts], device=accelerator.device)
+    lengths, truncated = accelerator.gather(lengths), accelerator.gather(truncated)
+    return {"completions/mean_length": lengths.mean().item(), "completions/max_length": lengths.max().item(),
+            "completions/truncated_frac": truncated.mean().item(), "time/generate": generate_seconds,
+            "rollout/weights_version": float(weights_version),
+            "rollout/tokens_per_second": lengths.sum().item() / max(generate_seconds, 1e-9)}
+
+
+def log_sampled_completions(cfg, run, samples: list, local_rewards: RewardResult, step: int) -> None:
+    """log_completions: a `logging_prob` share of the step's samples (seeded per step) -> completions.jsonl."""
+    from accelerate.utils import gather_object
+    picker = random.Random(cfg.seed * 1_000_003 + step)
+    samples = [{"prompt": item.prompt, "completion": item.completion, "ground_truth": item.ground_truth,
+                "reward": None if math.isnan(float(local_rewards.combined[i])) else float(local_rewards.combined[i]),
+                "advantage": float(local_rewards.advantages[i])}
+               for i, item in enumerate(samples) if picker.random() < cfg.logging_prob]
+    run.tracker.log_completions(gather_object(samples), step)
+
+
+def log_episodes(teacher, accelerator, episodes, local_rewards: RewardResult, reward_functions: list, step: int):
+    """A teacher run's sampled episodes, whole, with their rewards (combined and per function) and advantages."""
+    per_function = {name: local_rewards.per_function[:, f].tolist() for f, (name, _) in enumerate(reward_functions)}
+    teacher.log_episodes(accelerator, episodes, local_rewards.combined.tolist(), local_rewards.advantages.tolist(),
+                         per_function, step)
+
+
+def scored_batches(cfg, accelerator, rollouts: list, advantages: torch.Tensor, pad_token_id: int,
+                   policy: LogprobScorer, reference: Optional[LogprobScorer]) -> list[RolloutBatch]:
+    """The generation batch's micro-batches on the device, with advantages, old logprobs (num_iterations > 1) and
+    reference logprobs (beta > 0). The scorers check their lm_head path on the first one."""
+    batches = []
+    for start in range(0, len(rollouts), cfg.per_device_train_batch_size):
+        chunk = rollouts[start: start + cfg.per_device_train_batch_size]
+        batch = rollout_batch(chunk, pad_token_id, cfg.mask_truncated_completions,
+                              share_prompts=cfg.share_prompt_prefix).to(accelerator.device)
+        batch.advantages = advantages[start: start + len(chunk)].to(accelerator.device)
+        policy.verify(batch)
+        if reference is not None:
+            reference.verify(batch)
+        with torch.no_grad():
+            # the same forward as the update's, so the first ratio is exactly 1
+            batch.old_logps = policy(batch) if cfg.num_iterations > 1 else None
+            batch.ref_logps = reference(batch) if reference is not None else None
+        batches.append(batch)
+    return batches
+
+
+def evaluate_policy(cfg, run, teacher, engine, tokenizer, eval_examples: list, reward_fn, step: int) -> dict:
+    """Greedy completions on the eval split scored by the weighted reward (a teacher run: greedy teacher, greedy
+    student, with and without the teaching); logged at `step`."""
+    from common.evaluation import greedy_eval
+    if teacher is not None:
+        result = teacher.loop.evaluate(run.accelerator, eval_examples[:cfg.eval_max_samples],
+                                       cfg.max_completion_length, batch_size=cfg.per_device_eval_batch_size * 8)
+        run.tracker.log({"eval/teacher/student_accuracy": result["student_accuracy"],
+                         "eval/teacher/baseline_accuracy": result["baseline_accuracy"],
+                         "eval/num_samples": result["num_scored"]}, step)
+        return result
+    result = greedy_eval(run.accelerator, run.model, tokenizer, eval_examples, reward_fn, cfg.max_completion_length,
+                         cfg.eval_max_samples, batch_size=cfg.per_device_eval_batch_size * 8,
+                         engine=engine if cfg.use_vllm or cfg.use_vllm_server else None)
+    run.tracker.log({"eval/reward": result["accuracy"], "eval/num_samples": result["num_scored"]}, step)
+    return result
+
+
+def print_final_table(cfg, run, teacher, start_eval: Optional[dict], final_eval: dict, step: int) -> None:
+    from common.evaluation import format_accuracy_table, start_rows
+    from common.teaching import format_teacher_table
+    if not run.accelerator.is_main_process:
+        return
+    final = (f"GRPO ({cfg.output_dir}, step {step})", final_eval)
+    if teacher is not None:
+        print(format_teacher_table(([("start", start_eval)] if start_eval else []) + [final]), flush=True)
+    else:
+        print(format_accuracy_table(start_rows(cfg.output_dir, cfg.model_name_or_path, run.start_step, start_eval)
+                                    + [final]), flush=True)
 
 
 def sync_reference(accelerator, model, reference, alpha: float) -> None:

@@ -17,15 +17,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from common.args import CommonArgs
-from common.config import ConfigError, config_to_dict, fail_fast, load_config
-from common.tracking import setup_logging
+from common.config import ConfigError, fail_fast, load_config
 from common.data import (IGNORE_INDEX, check_row_lengths, collate_sft, load_train_eval, pack_examples,
                          tokenize_example)
 
@@ -90,155 +88,117 @@ def count_loss_tokens(labels: torch.Tensor) -> int:
 def main(argv: Optional[list[str]] = None) -> None:
     with fail_fast():
         cfg = load_config(Config, argv, description=__doc__)
-    setup_logging(cfg.activate_debugging_logs)
 
     # ----- setup -----------------------------------------------------------------------------------------------------
-    from accelerate.utils import set_seed
+    from common.loop import claim_output_dir, micro_batches, start, training_run
+    from common.models import check_model_source, load_causal_lm, load_tokenizer, log_parameter_count
+    from common.runtime import bf16_supported, global_batches, shard, total_optimizer_steps
 
-    from common.checkpoint import PreemptionFlag, load_checkpoint, push_final_model, resolve_resume_path, save_model
-    from common.loop import (SKIPPED, NonFiniteCounter, check_output_dir, checkpoint_or_stop, claim_output_dir,
-                             ensure_finite_weights, optimizer_step, resumed_step, step_metrics)
-    from common.models import check_model_source, count_parameters, load_causal_lm, load_tokenizer
-    from common.runtime import (bf16_supported, global_batches, make_accelerator, make_optimizer, make_scheduler,
-                                shard, total_optimizer_steps)
-    from common.tracking import Tracker
-
-    accelerator = make_accelerator(cfg)
-    set_seed(cfg.seed)
+    accelerator, resume_path = start(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # ----- data (before models: bad data fails fast) -----------------------------------------------------------------
     with fail_fast():
-        resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
-        check_output_dir(cfg, resume_path, accelerator.is_main_process)
         train_examples, eval_examples = load_train_eval(cfg)
         check_model_source("model_name_or_path", cfg.model_name_or_path)
         tokenizer = load_tokenizer(cfg)
-        tokenize = lambda e: tokenize_example(e, tokenizer, cfg.max_seq_length, cfg.completion_only_training)
-        train_rows = [tokenize(e) for e in train_examples]
-        eval_rows = [tokenize(e) for e in eval_examples] if cfg.do_eval else []
-        num_cut, num_without_target = check_row_lengths(train_rows, cfg.max_seq_length)
-        if cfg.packing:
-            train_rows = pack_examples(train_rows, cfg.max_seq_length)
-        if len(train_rows) < cfg.train_batch_size:
-            raise ValueError(f"{len(train_rows)} training rows (after packing={cfg.packing}) is fewer than "
-                             f"train_batch_size={cfg.train_batch_size}")
+        train_rows, eval_rows = tokenize_rows(cfg, tokenizer, train_examples, eval_examples)
+    total_steps = total_optimizer_steps(cfg, len(train_rows))
+    steps_per_epoch = len(train_rows) // cfg.train_batch_size
+    claimed = claim_output_dir(cfg, resume_path, accelerator.is_main_process)   # locked until the run ends
+    logger.info("%d train rows, %d eval examples, %d optimizer steps (%d per epoch)", len(train_rows),
+                len(eval_examples), total_steps, steps_per_epoch)
+
+    # ----- model -----------------------------------------------------------------------------------------------------
+    model = load_causal_lm(cfg, use_bf16=cfg.bf16 and bf16_supported())
+    log_parameter_count("model", cfg.model_name_or_path, model)
+    with training_run(cfg, accelerator, model, total_steps, resume_path, claimed) as run:
+        model = run.model
+
+        # ----- train -------------------------------------------------------------------------------------------------
+        model.train()
+        step = run.start_step
+        for step in range(run.start_step + 1, total_steps + 1):
+            step_start = time.time()
+            epoch, batch_in_epoch = divmod(step - 1, steps_per_epoch)
+            batch_indices = global_batches(len(train_rows), cfg.train_batch_size, cfg.seed, epoch, cfg.shuffle)
+            local_rows = [train_rows[i] for i in shard(batch_indices[batch_in_epoch], rank, world)]
+            batches = [collate_sft(rows, tokenizer.pad_token_id)
+                       for rows in micro_batches(local_rows, cfg.per_device_train_batch_size)]
+            # normalise by every loss token of the optimizer step, on all ranks and micro-batches
+            global_tokens = run.sum_over_processes(sum(count_loss_tokens(b["labels"]) for b in batches))
+            step_sums, input_tokens = torch.zeros(2, device=accelerator.device), 0   # nll, correct tokens
+            for micro_batch in batches:
+                micro_batch = {k: v.to(accelerator.device) for k, v in micro_batch.items()}
+                input_tokens += int((micro_batch["input_ids"] != tokenizer.pad_token_id).sum())
+                with accelerator.accumulate(model):
+                    nll_sum, _, num_correct = sft_loss_sum(forward_logits(model, micro_batch), micro_batch["labels"])
+                    # accelerate divides by the accumulation steps and DDP averages over ranks; undo both
+                    accelerator.backward(nll_sum * cfg.gradient_accumulation_steps * world / global_tokens.clamp(min=1))
+                step_sums += torch.stack([nll_sum.detach(), num_correct.to(step_sums.dtype)])
+            grad_norm = run.optimizer_step(step_sums[0], step)
+
+            # ----- log ---------------------------------------------------------------------------------------------
+            if run.should_log(step, grad_norm):
+                nll, correct = accelerator.reduce(step_sums, reduction="sum") / global_tokens.clamp(min=1)
+                elapsed = time.time() - step_start
+                run.tracker.log({"loss": nll.item(), "token_accuracy": correct.item(), **run.step_metrics(grad_norm),
+                                 "epoch": epoch + batch_in_epoch / steps_per_epoch,
+                                 "tokens_per_second": run.sum_over_processes(input_tokens).item() / max(elapsed, 1e-9),
+                                 "step_seconds": elapsed}, step)
+            if cfg.do_eval and eval_rows and (step % cfg.eval_steps == 0 or step == total_steps):
+                run.tracker.log(evaluate(accelerator, model, eval_rows, cfg.per_device_eval_batch_size,
+                                         tokenizer.pad_token_id), step)
+
+            # ----- checkpoint --------------------------------------------------------------------------------------
+            if run.checkpoint_or_stop(tokenizer, step):
+                return
+
+        # ----- final save and eval -----------------------------------------------------------------------------------
+        run.finish(tokenizer, step)
+        if cfg.eval_generation_reward and eval_examples:
+            from common.evaluation import format_accuracy_table, generation_accuracy
+            result = generation_accuracy(accelerator, cfg, model, tokenizer, eval_examples)
+            run.tracker.log({"eval/greedy_accuracy": result["accuracy"]}, step)
+            if accelerator.is_main_process:
+                print(format_accuracy_table([(f"SFT {cfg.output_dir}", result)]), flush=True)
+    accelerator.end_training()
+
+
+def tokenize_rows(cfg, tokenizer, train_examples: list, eval_examples: list) -> tuple[list[dict], list[dict]]:
+    """Training rows (packed with `packing`) and eval rows; warns about rows cut at max_seq_length."""
+    tokenize = lambda e: tokenize_example(e, tokenizer, cfg.max_seq_length, cfg.completion_only_training)
+    train_rows = [tokenize(e) for e in train_examples]
+    eval_rows = [tokenize(e) for e in eval_examples] if cfg.do_eval else []
+    num_cut, num_without_target = check_row_lengths(train_rows, cfg.max_seq_length)
+    if cfg.packing:
+        train_rows = pack_examples(train_rows, cfg.max_seq_length)
+    if len(train_rows) < cfg.train_batch_size:
+        raise ValueError(f"{len(train_rows)} training rows (after packing={cfg.packing}) is fewer than "
+                         f"train_batch_size={cfg.train_batch_size}")
     if num_cut:
         logger.warning("%d of %d training rows reach max_seq_length=%d and are cut there (%d of them keep no "
                        "completion token and add nothing to the loss)", num_cut, len(train_examples),
                        cfg.max_seq_length, num_without_target)
-    total_steps = total_optimizer_steps(cfg, len(train_rows))
-    steps_per_epoch = len(train_rows) // cfg.train_batch_size
-    # locked, config.yaml written, stale metrics rows dropped; the lock is held until the process exits
-    run_dir = claim_output_dir(cfg, resume_path, resumed_step(resume_path), accelerator.is_main_process)
-    logger.info("%d train rows, %d eval examples, %d optimizer steps (%d per epoch)", len(train_rows),
-                len(eval_examples), total_steps, steps_per_epoch)
+    return train_rows, eval_rows
 
-    # ----- models ----------------------------------------------------------------------------------------------------
-    model = load_causal_lm(cfg, use_bf16=cfg.bf16 and bf16_supported())
-    total_params, trainable_params = count_parameters(model)
-    logger.info("model %s: %.2fM parameters, %.2fM trainable", cfg.model_name_or_path, total_params / 1e6,
-                trainable_params / 1e6)
-    optimizer = make_optimizer(cfg, model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # after prepare: DeepSpeed may regroup the parameters, and the schedule must drive the groups it steps
-    scheduler = make_scheduler(cfg, optimizer, total_steps)
-    accelerator.register_for_checkpointing(scheduler)
 
-    start_step = 0
-    if resume_path is not None:
-        start_step = load_checkpoint(accelerator, resume_path)["step"]
-        logger.info("resumed from %s at step %d", resume_path, start_step)
-    tracker = Tracker(cfg, accelerator.is_main_process, config_to_dict(cfg), total_steps, resume=start_step > 0)
-    preemption = PreemptionFlag(cfg.output_dir, accelerator.is_main_process)
-    accum = cfg.gradient_accumulation_steps
-    nonfinite = NonFiniteCounter(cfg.max_consecutive_nonfinite)
+def forward_logits(model, batch: dict) -> torch.Tensor:
+    """[B, T, V] logits of a collate_sft batch (its labels stay out of the forward)."""
+    return model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
 
-    def evaluate() -> dict:
-        model.eval()
-        nll, tokens, correct = torch.zeros(3, device=accelerator.device)
-        local = eval_rows[rank::world]
-        with torch.no_grad():
-            for start in range(0, len(local), cfg.per_device_eval_batch_size):
-                batch = collate_sft(local[start: start + cfg.per_device_eval_batch_size], tokenizer.pad_token_id)
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-                s, n, c = sft_loss_sum(logits, batch["labels"])
-                nll, tokens, correct = nll + s, tokens + n, correct + c
-        totals = accelerator.reduce(torch.stack([nll, tokens, correct]), reduction="sum")
-        model.train()
-        return {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item(),
-                "eval/token_accuracy": (totals[2] / totals[1].clamp(min=1)).item()}
 
-    # ----- train -----------------------------------------------------------------------------------------------------
-    model.train()
-    step = start_step
-    for step in range(start_step + 1, total_steps + 1):
-        step_start = time.time()
-        epoch, batch_in_epoch = divmod(step - 1, steps_per_epoch)
-        batch_indices = global_batches(len(train_rows), cfg.train_batch_size, cfg.seed, epoch, cfg.shuffle)
-        local_indices = shard(batch_indices[batch_in_epoch], rank, world)
-        micro_batches = [collate_sft([train_rows[i] for i in local_indices[j: j + cfg.per_device_train_batch_size]],
-                                     tokenizer.pad_token_id)
-                         for j in range(0, len(local_indices), cfg.per_device_train_batch_size)]
-        # normalise by every loss token of the optimizer step, on all ranks and micro-batches
-        local_tokens = sum(count_loss_tokens(mb["labels"]) for mb in micro_batches)
-        global_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device), "sum")
-        step_nll = torch.zeros((), device=accelerator.device)
-        step_correct = torch.zeros((), device=accelerator.device)
-        input_tokens = 0
-        for micro_batch in micro_batches:
-            micro_batch = {k: v.to(accelerator.device) for k, v in micro_batch.items()}
-            input_tokens += int((micro_batch["input_ids"] != tokenizer.pad_token_id).sum())
-            with accelerator.accumulate(model):
-                logits = model(**{k: v for k, v in micro_batch.items() if k != "labels"}, use_cache=False).logits
-                nll_sum, _, num_correct = sft_loss_sum(logits, micro_batch["labels"])
-                # accelerate divides by the accumulation steps and DDP averages over ranks; undo both
-                loss = nll_sum * accum * world / global_tokens.clamp(min=1)
-                accelerator.backward(loss)
-            step_nll += nll_sum.detach()
-            step_correct += num_correct
-        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step_nll, nonfinite,
-                                   step)
-
-        # ----- log -------------------------------------------------------------------------------------------------
-        if step % cfg.logging_steps == 0 or step == total_steps or grad_norm == SKIPPED:
-            totals = accelerator.reduce(torch.stack([step_nll, step_correct]), reduction="sum")
-            global_input = accelerator.reduce(torch.tensor(float(input_tokens), device=accelerator.device), "sum")
-            elapsed = time.time() - step_start
-            tracker.log({"loss": (totals[0] / global_tokens.clamp(min=1)).item(),
-                         "token_accuracy": (totals[1] / global_tokens.clamp(min=1)).item(),
-                         **step_metrics(grad_norm, nonfinite),
-                         "lr": scheduler.get_last_lr()[0], "epoch": epoch + batch_in_epoch / steps_per_epoch,
-                         "tokens_per_second": global_input.item() / max(elapsed, 1e-9),
-                         "step_seconds": elapsed}, step)
-        if cfg.do_eval and eval_rows and (step % cfg.eval_steps == 0 or step == total_steps):
-            tracker.log(evaluate(), step)
-
-        # ----- checkpoint ------------------------------------------------------------------------------------------
-        if checkpoint_or_stop(accelerator, preemption, model, tokenizer, cfg, step,
-                              {"epoch": epoch, "batch_in_epoch": batch_in_epoch + 1}):
-            tracker.close()
-            return
-
-    # ----- final save and eval ---------------------------------------------------------------------------------------
-    ensure_finite_weights(accelerator, step, model)
-    save_model(accelerator, model, tokenizer, Path(cfg.output_dir))
-    if accelerator.is_main_process:
-        logger.info("saved final model to %s", cfg.output_dir)
-    if cfg.push_to_hub:
-        push_final_model(accelerator, cfg.output_dir, cfg.hub_model_id)
-    if cfg.eval_generation_reward and eval_examples:
-        from common.evaluation import format_accuracy_table, greedy_eval
-        from common.rewards import get_reward_factory
-        reward_fn = get_reward_factory(cfg.eval_generation_reward)(cfg)
-        result = greedy_eval(accelerator, model, tokenizer, eval_examples, reward_fn, cfg.eval_max_new_tokens,
-                             cfg.eval_generation_samples)
-        tracker.log({"eval/greedy_accuracy": result["accuracy"]}, step)
-        if accelerator.is_main_process:
-            print(format_accuracy_table([(f"SFT {cfg.output_dir}", result)]), flush=True)
-    tracker.close()
-    accelerator.end_training()
+def evaluate(accelerator, model, eval_rows: list[dict], batch_size: int, pad_token_id: int) -> dict:
+    """Loss and token accuracy on the eval split (each process its shard, summed over processes)."""
+    from common.loop import micro_batches
+    from common.models import eval_mode
+    totals = torch.zeros(3, device=accelerator.device)   # nll, tokens, correct
+    with eval_mode(model), torch.no_grad():
+        for rows in micro_batches(eval_rows[accelerator.process_index::accelerator.num_processes], batch_size):
+            batch = {k: v.to(accelerator.device) for k, v in collate_sft(rows, pad_token_id).items()}
+            totals += torch.stack([t.to(totals.dtype) for t in sft_loss_sum(forward_logits(model, batch), batch["labels"])])
+    nll, tokens, correct = accelerator.reduce(totals, reduction="sum")
+    return {"eval/loss": (nll / tokens.clamp(min=1)).item(), "eval/token_accuracy": (correct / tokens.clamp(min=1)).item()}
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def run_variant(variant: str, args) -> dict:
     before = current_rss_bytes()
     start = time.perf_counter()
     logps = completion_logprobs(model, batch, 1.0, cache_arg, head)   # [B, C]
-    (logps * batch["completion_mask"]).sum().backward()
+    (logps * batch.completion_mask).sum().backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"variant": variant, "peak_mib": (peak - before) / 2**20, "seconds": seconds,

@@ -55,15 +55,13 @@ import json
 import os
 import random
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from harness import child_env, machine_summary, record_step_cpu_times, run_order, step_cpu_seconds
+from harness import (add_common_arguments, parameter_count, record_step_cpu_times, run_child,
+                     run_order, run_benchmark, step_cpu_seconds, tiny_model)
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL = 0.7  # the project's target: our step time <= 0.7 x TRL's
@@ -226,10 +224,9 @@ def measured(runs: list[dict], key: str, warmup: int) -> list[float]:
     return [value for run in runs for value in run[key][warmup:]]
 
 
-def main() -> None:
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps (after the warm-up)")
-    parser.add_argument("--warmup", type=int, default=3, help="first optimizer steps of each run, not measured")
+    add_common_arguments(parser)
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--num-generations", type=int, default=8, help="G, completions per prompt")
     parser.add_argument("--micro-batch", type=int, default=32, help="completions per forward/backward")
@@ -237,117 +234,91 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.04, help="k3 KL coefficient (> 0 loads a reference model)")
     parser.add_argument("--loss-type", choices=["grpo", "bnpo", "dr_grpo", "dapo"], default="grpo")
     parser.add_argument("--learning-rate", type=float, default=1e-5)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--num-prompts", type=int, default=2000, help="arithmetic prompts in the dataset")
     parser.add_argument("--context-tokens", type=int, default=0,
                         help="worked examples (~tokens) before each prompt: the teacher's long-context shape")
     parser.add_argument("--no-share", action="store_true", help="ours with share_prompt_prefix=false")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in each child (same for both). 1 by default: on a shared 2-core machine, "
-                             "2 OpenMP threads stall for seconds whenever one is descheduled")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per trainer, alternating ours/TRL order")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
-    parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child_main(args.child, args.spec)
-        return
-    if args.warmup < 1 or args.steps < 1:
-        parser.error("--warmup and --steps must be >= 1 (the first step has no CPU-time start mark)")
+    return parser.parse_args()
 
-    sys.dont_write_bytecode = True  # write nothing outside the temporary directory
-    print(machine_summary(), flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
-    try:
-        sys.path.insert(0, str(ROOT / "scripts"))
-        from make_tiny_model import save_tiny_model
 
-        model_dir = save_tiny_model(tmp / "model", hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
-                                    seed=args.seed)
-        results: dict[str, list[dict]] = {}
-        for repeat, kind in run_order(args.repeats):
-            name = f"{kind}_{repeat}"
-            spec = {"model_dir": str(model_dir), "output_dir": str(tmp / name),
-                    "result_file": str(tmp / f"{name}.json"),
-                    "max_steps": args.warmup + args.steps, "prompts_per_step": args.prompts_per_step,
-                    "num_generations": args.num_generations, "micro_batch": args.micro_batch,
-                    "max_completion_length": args.max_completion_length, "beta": args.beta,
-                    "loss_type": args.loss_type, "learning_rate": args.learning_rate, "num_prompts": args.num_prompts,
-                    "seed": args.seed, "threads": args.threads, "context_tokens": args.context_tokens,
-                    "max_prompt_length": args.context_tokens + 64, "share": not args.no_share}
-            spec_file = tmp / f"{name}.spec.json"
-            spec_file.write_text(json.dumps(spec))
-            started = time.time()
-            completed = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", kind, "--spec",
-                                        str(spec_file)], cwd=ROOT, env=child_env(args.threads, tmp),
-                                       capture_output=True, text=True)
-            if completed.returncode != 0:
-                raise RuntimeError(f"{name} failed (exit {completed.returncode}):\n{completed.stdout[-3000:]}\n"
-                                   f"{completed.stderr[-6000:]}")
-            results.setdefault(kind, []).append(json.loads(Path(spec["result_file"]).read_text()))
-            print(f"  ran {name} in {time.time() - started:.0f} s (with start-up), load {os.getloadavg()[0]:.2f}",
-                  flush=True)
+def run_all(args, tmp: Path, model_dir: Path) -> dict[str, list[dict]]:
+    """Every (repeat, trainer) run in its own process, alternating the order."""
+    results: dict[str, list[dict]] = {}
+    for repeat, kind in run_order(args.repeats):
+        name = f"{kind}_{repeat}"
+        spec = {"model_dir": str(model_dir), "output_dir": str(tmp / name),
+                "result_file": str(tmp / f"{name}.json"),
+                "max_steps": args.warmup + args.steps, "prompts_per_step": args.prompts_per_step,
+                "num_generations": args.num_generations, "micro_batch": args.micro_batch,
+                "max_completion_length": args.max_completion_length, "beta": args.beta,
+                "loss_type": args.loss_type, "learning_rate": args.learning_rate, "num_prompts": args.num_prompts,
+                "seed": args.seed, "threads": args.threads, "context_tokens": args.context_tokens,
+                "max_prompt_length": args.context_tokens + 64, "share": not args.no_share}
+        results.setdefault(kind, []).append(run_child(__file__, kind, name, spec, tmp, args.threads))
+    return results
 
-        from transformers import AutoModelForCausalLM
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
-        completions = args.prompts_per_step * args.num_generations
-        print(f"\nmodel: Llama hidden {args.hidden_size}, {args.layers} layers, {args.heads} heads, "
-              f"{n_params / 1e6:.2f}M parameters, float32, sdpa")
-        print(f"per optimizer step: {args.prompts_per_step} prompts x G={args.num_generations} = {completions} "
-              f"completions, micro-batch {args.micro_batch} (accumulation {completions // args.micro_batch}), "
-              f"max_completion_length {args.max_completion_length}, beta {args.beta}, loss_type {args.loss_type}, "
-              f"HF generate, {args.threads} threads; context tokens per prompt {args.context_tokens}; ours "
-              f"share_prompt_prefix={not args.no_share}")
-        print(f"ours: train_batch_size={completions} per_device_train_batch_size={args.micro_batch}; TRL: "
-              f"per_device_train_batch_size={args.micro_batch} gradient_accumulation_steps="
-              f"{completions // args.micro_batch} (generation_batch_size={completions}, steps_per_generation="
-              f"{completions // args.micro_batch})")
-        print(f"{args.warmup} warm-up steps discarded, {args.steps} measured; ours: step_seconds, TRL: on_step_end to "
-              f"on_step_end (TRL core: on_step_begin to on_step_end);\nCPU s/step: process CPU time between "
-              f"consecutive step ends (both); peak RSS: ru_maxrss, 'above libs' = minus RSS after importing torch + "
-              f"transformers\n")
-        header = (f"{'trainer':8s} {'mean s/step':>11s} {'median':>8s} {'min':>7s} {'TRL core':>9s} "
-                  f"{'CPU s/step':>10s} {'mean len':>9s} {'peak RSS MiB':>12s} {'above libs':>10s}")
-        print(header)
-        print("-" * len(header))
-        summary = {}
-        for kind in ("ours", "trl"):
-            runs = results[kind]
-            seconds = measured(runs, "seconds", args.warmup)
-            if not seconds:
-                raise RuntimeError(f"no steps left after discarding {args.warmup} warm-up steps; raise --steps")
-            core = mean(measured(runs, "core_seconds", args.warmup)) if "core_seconds" in runs[0] else None
-            peak = max(run["peak_rss_mib"] for run in runs)
-            above = max(run["peak_rss_mib"] - run["baseline_rss_mib"] for run in runs)
-            cpu = mean(measured(runs, "cpu_seconds", args.warmup))
-            summary[kind] = {"seconds": mean(seconds), "median": statistics.median(seconds), "core": core, "peak": peak,
-                             "cpu": cpu}
-            print(f"{kind:8s} {mean(seconds):11.3f} {statistics.median(seconds):8.3f} {min(seconds):7.3f} "
-                  f"{'' if core is None else f'{core:.3f}':>9s} {cpu:10.3f} "
-                  f"{mean(measured(runs, 'completion_length', args.warmup)):9.1f} {peak:12.0f} {above:10.0f}")
-        ours, trl_ = summary["ours"], summary["trl"]
-        ratio = ours["seconds"] / trl_["seconds"]
-        memory_ratio = ours["peak"] / trl_["peak"]
-        print(f"\nours/TRL mean step time: {ratio:.2f} (median: {ours['median'] / trl_['median']:.2f}, vs TRL core: "
-              f"{ours['seconds'] / trl_['core']:.2f}); goal <= {GOAL}: {'met' if ratio <= GOAL else 'NOT met'}")
-        print(f"ours/TRL CPU time per step: {ours['cpu'] / trl_['cpu']:.2f} (robust to other load on a shared machine)")
-        print(f"ours/TRL peak RSS: {memory_ratio:.2f}")
-        generate = mean(measured(results["ours"], "generate_seconds", args.warmup))
-        print(f"ours: time/generate {generate:.3f} s of {ours['seconds']:.3f} s per step")
-        print("\nnot equal by construction: TRL re-tokenizes prompts every step and computes entropies in its "
-              "training forward;\nours records sampling log-probs during generate; prompts are drawn by each trainer's "
-              "own sampler.")
-        end_load = os.getloadavg()
-        print(f"load average at end (1/5/15 min): {end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f}")
-    finally:
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+def print_settings(args, model_dir: Path) -> None:
+    completions = args.prompts_per_step * args.num_generations
+    print(f"\nmodel: Llama hidden {args.hidden_size}, {args.layers} layers, {args.heads} heads, "
+          f"{parameter_count(model_dir) / 1e6:.2f}M parameters, float32, sdpa")
+    print(f"per optimizer step: {args.prompts_per_step} prompts x G={args.num_generations} = {completions} "
+          f"completions, micro-batch {args.micro_batch} (accumulation {completions // args.micro_batch}), "
+          f"max_completion_length {args.max_completion_length}, beta {args.beta}, loss_type {args.loss_type}, "
+          f"HF generate, {args.threads} threads; context tokens per prompt {args.context_tokens}; ours "
+          f"share_prompt_prefix={not args.no_share}")
+    print(f"ours: train_batch_size={completions} per_device_train_batch_size={args.micro_batch}; TRL: "
+          f"per_device_train_batch_size={args.micro_batch} gradient_accumulation_steps="
+          f"{completions // args.micro_batch} (generation_batch_size={completions}, steps_per_generation="
+          f"{completions // args.micro_batch})")
+    print(f"{args.warmup} warm-up steps discarded, {args.steps} measured; ours: step_seconds, TRL: on_step_end to "
+          f"on_step_end (TRL core: on_step_begin to on_step_end);\nCPU s/step: process CPU time between "
+          f"consecutive step ends (both); peak RSS: ru_maxrss, 'above libs' = minus RSS after importing torch + "
+          f"transformers\n")
+
+
+def report(args, results: dict[str, list[dict]]) -> None:
+    header = (f"{'trainer':8s} {'mean s/step':>11s} {'median':>8s} {'min':>7s} {'TRL core':>9s} "
+              f"{'CPU s/step':>10s} {'mean len':>9s} {'peak RSS MiB':>12s} {'above libs':>10s}")
+    print(header)
+    print("-" * len(header))
+    summary = {}
+    for kind in ("ours", "trl"):
+        runs = results[kind]
+        seconds = measured(runs, "seconds", args.warmup)
+        if not seconds:
+            raise RuntimeError(f"no steps left after discarding {args.warmup} warm-up steps; raise --steps")
+        core = mean(measured(runs, "core_seconds", args.warmup)) if "core_seconds" in runs[0] else None
+        peak = max(run["peak_rss_mib"] for run in runs)
+        above = max(run["peak_rss_mib"] - run["baseline_rss_mib"] for run in runs)
+        cpu = mean(measured(runs, "cpu_seconds", args.warmup))
+        summary[kind] = {"seconds": mean(seconds), "median": statistics.median(seconds), "core": core, "peak": peak,
+                         "cpu": cpu}
+        print(f"{kind:8s} {mean(seconds):11.3f} {statistics.median(seconds):8.3f} {min(seconds):7.3f} "
+              f"{'' if core is None else f'{core:.3f}':>9s} {cpu:10.3f} "
+              f"{mean(measured(runs, 'completion_length', args.warmup)):9.1f} {peak:12.0f} {above:10.0f}")
+    ours, trl_ = summary["ours"], summary["trl"]
+    ratio = ours["seconds"] / trl_["seconds"]
+    print(f"\nours/TRL mean step time: {ratio:.2f} (median: {ours['median'] / trl_['median']:.2f}, vs TRL core: "
+          f"{ours['seconds'] / trl_['core']:.2f}); goal <= {GOAL}: {'met' if ratio <= GOAL else 'NOT met'}")
+    print(f"ours/TRL CPU time per step: {ours['cpu'] / trl_['cpu']:.2f} (robust to other load on a shared machine)")
+    print(f"ours/TRL peak RSS: {ours['peak'] / trl_['peak']:.2f}")
+    generate = mean(measured(results["ours"], "generate_seconds", args.warmup))
+    print(f"ours: time/generate {generate:.3f} s of {ours['seconds']:.3f} s per step")
+    print("\nnot equal by construction: TRL re-tokenizes prompts every step and computes entropies in its "
+          "training forward;\nours records sampling log-probs during generate; prompts are drawn by each trainer's "
+          "own sampler.")
+
+
+def measure(args, tmp: Path) -> None:
+    model_dir = tiny_model(tmp, args)
+    results = run_all(args, tmp, model_dir)
+    print_settings(args, model_dir)
+    report(args, results)
+
+
+def main() -> None:
+    run_benchmark(parse_args(), child_main, "bench_grpo_", measure)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from common import judge_client  # noqa: E402
-from common.judges import JUDGE_NAMES, RIMReward, Trajectory, load_reward_system  # noqa: E402
+from common.judge_schema import JUDGE_NAMES, load_reward_system  # noqa: E402
+from common.judge_verdicts import Trajectory  # noqa: E402
+from common.judges import RIMReward  # noqa: E402
 from openai_stub_server import verdict  # noqa: E402
 
 

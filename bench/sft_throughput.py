@@ -42,18 +42,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from harness import child_env, machine_summary, record_step_cpu_times, run_order, step_cpu_seconds
+from harness import (add_common_arguments, parameter_count, record_step_cpu_times, run_child,
+                     run_order, run_benchmark, step_cpu_seconds, tiny_model)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -197,114 +194,88 @@ def summarise(runs: list[dict], warmup: int) -> dict:
     return summary
 
 
-def main() -> None:
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps (after the warm-up)")
-    parser.add_argument("--warmup", type=int, default=3, help="first optimizer steps of each run, not measured")
+    add_common_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step (packed rows with packing)")
     parser.add_argument("--max-length", type=int, default=512, help="max tokens per row (<= 512, the model's limit)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--records", type=int, default=2000)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in each child (same for both). 1 by default: on a shared 2-core machine, "
-                             "2 OpenMP threads stall for seconds whenever one is descheduled")
     parser.add_argument("--packing", choices=["both", "false", "true"], default="both")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per trainer, alternating ours/TRL order")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
-    parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child_main(args.child, args.spec)
-        return
-    if args.warmup < 1 or args.steps < 1:
-        parser.error("--warmup and --steps must be >= 1 (the first step has no CPU-time start mark)")
+    return parser.parse_args()
 
-    sys.dont_write_bytecode = True  # write nothing outside the temporary directory
-    print(machine_summary(), flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_sft_"))
-    try:
-        sys.path.insert(0, str(ROOT / "scripts"))
-        from make_tiny_model import save_tiny_model
 
-        model_dir = save_tiny_model(tmp / "model", hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
-                                    seed=args.seed)
-        records = running_sum_records(args.records, args.seed, min_terms=5, max_terms=14)
-        data_file = tmp / "records.jsonl"
-        data_file.write_text("".join(
-            json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
-                                     {"role": "assistant", "content": r["completion"]}]}) + "\n" for r in records))
-        packings = {"both": [False, True], "false": [False], "true": [True]}[args.packing]
-        results: dict[tuple[bool, str], list[dict]] = {}
-        for packing in packings:
-            for repeat, kind in run_order(args.repeats):
-                name = f"{kind}_packing_{packing}_{repeat}"
-                spec = {"model_dir": str(model_dir), "data_file": str(data_file), "output_dir": str(tmp / name),
-                        "result_file": str(tmp / f"{name}.json"), "max_steps": args.warmup + args.steps,
-                        "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-                        "max_length": args.max_length, "packing": packing, "seed": args.seed, "threads": args.threads}
-                spec_file = tmp / f"{name}.spec.json"
-                spec_file.write_text(json.dumps(spec))
-                started = time.time()
-                completed = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", kind,
-                                            "--spec", str(spec_file)], cwd=ROOT, env=child_env(args.threads, tmp),
-                                           capture_output=True, text=True)
-                if completed.returncode != 0:
-                    raise RuntimeError(f"{name} failed (exit {completed.returncode}):\n{completed.stdout[-3000:]}\n"
-                                       f"{completed.stderr[-6000:]}")
-                results.setdefault((packing, kind), []).append(json.loads(Path(spec["result_file"]).read_text()))
-                load = os.getloadavg()[0]
-                print(f"  ran {name} in {time.time() - started:.0f} s (with start-up), load {load:.2f}", flush=True)
+def write_records(args, tmp: Path) -> Path:
+    records = running_sum_records(args.records, args.seed, min_terms=5, max_terms=14)
+    data_file = tmp / "records.jsonl"
+    data_file.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                 {"role": "assistant", "content": r["completion"]}]}) + "\n" for r in records))
+    return data_file
 
-        from transformers import AutoModelForCausalLM
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
-        print(f"\nmodel: Llama hidden {args.hidden_size}, {args.layers} layers, {args.heads} heads, "
-              f"{n_params / 1e6:.2f}M parameters, float32, sdpa; {args.records} running-sum chat records")
-        print(f"batch {args.batch_size} rows/step, max_length {args.max_length}, lr {args.learning_rate} constant, "
-              f"{args.threads} threads; {args.warmup} warm-up steps discarded, {args.steps} measured")
-        print("tokens = non-padding input tokens per optimizer step; ours: sum(step_seconds), TRL: on_step_end to "
-              "on_step_end (TRL core: on_step_begin to on_step_end);\nCPU-s: process CPU time between consecutive "
-              "step ends (both), robust to other load on a shared machine\n")
-        header = (f"{'packing':8s} {'trainer':8s} {'tokens/step':>11s} {'s/step':>8s} {'tokens/s':>10s} "
-                  f"{'TRL core tok/s':>14s} {'tokens/CPU-s':>12s} {'peak RSS MiB':>12s} {'ours/TRL':>9s}")
-        print(header)
-        print("-" * len(header))
-        for packing in packings:
-            ours = summarise(results[(packing, "ours")], args.warmup)
-            trl_ = summarise(results[(packing, "trl")], args.warmup)
-            ratio = ours["tokens_per_second"] / trl_["tokens_per_second"]
-            for kind, summary in (("ours", ours), ("trl", trl_)):
-                core = summary.get("core_tokens_per_second")
-                peak = max(run["peak_rss_mib"] for run in results[(packing, kind)])
-                print(f"{str(packing).lower():8s} {kind:8s} {summary['tokens_per_step']:11.0f} "
-                      f"{summary['seconds_per_step']:8.3f} {summary['tokens_per_second']:10.0f} "
-                      f"{'' if core is None else f'{core:.0f}':>14s} {summary['cpu_tokens_per_second']:12.0f} "
-                      f"{peak:12.0f} "
-                      f"{f'{ratio:.2f}' if kind == 'ours' else '':>9s}")
-            core_ratio = ours["tokens_per_second"] / trl_["core_tokens_per_second"]
-            median_ratio = ours["median_tokens_per_second"] / trl_["median_tokens_per_second"]
-            cpu_ratio = ours["cpu_tokens_per_second"] / trl_["cpu_tokens_per_second"]
-            print(f"{'':8s} ours/TRL tokens/s: {ratio:.2f} (median of per-step rates: {median_ratio:.2f}, "
-                  f"vs TRL core: {core_ratio:.2f}); tokens per CPU-second: {cpu_ratio:.2f}")
-        if False in packings:  # same rows in the same order: the per-step losses must agree
-            ours_loss, trl_loss = results[(False, "ours")][0]["loss"], results[(False, "trl")][0]["loss"]
-            gap = max(abs(a - b) for a, b in zip(ours_loss, trl_loss))
-            print(f"check, packing=false: same batches -> per-step loss max |ours - TRL| = {gap:.2e} over "
-                  f"{min(len(ours_loss), len(trl_loss))} steps (step 1: {ours_loss[0]:.4f} vs {trl_loss[0]:.4f})")
-        print("\nnot equal by construction: TRL packing=true is best-fit-decreasing and padding-free (one flattened "
-              "sequence per batch,\nattention over batch x max_length tokens under sdpa); ours packs best-fit-decreasing into "
-              "padded rows. TRL's loss uses its fused LM head.")
-        end_load = os.getloadavg()
-        print(f"load average at end (1/5/15 min): {end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f}")
-    finally:
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+def run_all(args, tmp: Path, model_dir: Path, data_file: Path, packings: list) -> dict:
+    """Every (packing, repeat, trainer) run in its own process, alternating the trainers' order."""
+    results: dict[tuple[bool, str], list[dict]] = {}
+    for packing in packings:
+        for repeat, kind in run_order(args.repeats):
+            name = f"{kind}_packing_{packing}_{repeat}"
+            spec = {"model_dir": str(model_dir), "data_file": str(data_file), "output_dir": str(tmp / name),
+                    "result_file": str(tmp / f"{name}.json"), "max_steps": args.warmup + args.steps,
+                    "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                    "max_length": args.max_length, "packing": packing, "seed": args.seed, "threads": args.threads}
+            results.setdefault((packing, kind), []).append(run_child(__file__, kind, name, spec, tmp, args.threads))
+    return results
+
+
+def report(args, model_dir: Path, results: dict, packings: list) -> None:
+    print(f"\nmodel: Llama hidden {args.hidden_size}, {args.layers} layers, {args.heads} heads, "
+          f"{parameter_count(model_dir) / 1e6:.2f}M parameters, float32, sdpa; {args.records} running-sum chat records")
+    print(f"batch {args.batch_size} rows/step, max_length {args.max_length}, lr {args.learning_rate} constant, "
+          f"{args.threads} threads; {args.warmup} warm-up steps discarded, {args.steps} measured")
+    print("tokens = non-padding input tokens per optimizer step; ours: sum(step_seconds), TRL: on_step_end to "
+          "on_step_end (TRL core: on_step_begin to on_step_end);\nCPU-s: process CPU time between consecutive "
+          "step ends (both), robust to other load on a shared machine\n")
+    header = (f"{'packing':8s} {'trainer':8s} {'tokens/step':>11s} {'s/step':>8s} {'tokens/s':>10s} "
+              f"{'TRL core tok/s':>14s} {'tokens/CPU-s':>12s} {'peak RSS MiB':>12s} {'ours/TRL':>9s}")
+    print(header)
+    print("-" * len(header))
+    for packing in packings:
+        ours = summarise(results[(packing, "ours")], args.warmup)
+        trl_ = summarise(results[(packing, "trl")], args.warmup)
+        ratio = ours["tokens_per_second"] / trl_["tokens_per_second"]
+        for kind, summary in (("ours", ours), ("trl", trl_)):
+            core = summary.get("core_tokens_per_second")
+            peak = max(run["peak_rss_mib"] for run in results[(packing, kind)])
+            print(f"{str(packing).lower():8s} {kind:8s} {summary['tokens_per_step']:11.0f} "
+                  f"{summary['seconds_per_step']:8.3f} {summary['tokens_per_second']:10.0f} "
+                  f"{'' if core is None else f'{core:.0f}':>14s} {summary['cpu_tokens_per_second']:12.0f} "
+                  f"{peak:12.0f} "
+                  f"{f'{ratio:.2f}' if kind == 'ours' else '':>9s}")
+        core_ratio = ours["tokens_per_second"] / trl_["core_tokens_per_second"]
+        median_ratio = ours["median_tokens_per_second"] / trl_["median_tokens_per_second"]
+        cpu_ratio = ours["cpu_tokens_per_second"] / trl_["cpu_tokens_per_second"]
+        print(f"{'':8s} ours/TRL tokens/s: {ratio:.2f} (median of per-step rates: {median_ratio:.2f}, "
+              f"vs TRL core: {core_ratio:.2f}); tokens per CPU-second: {cpu_ratio:.2f}")
+    if False in packings:  # same rows in the same order: the per-step losses must agree
+        ours_loss, trl_loss = results[(False, "ours")][0]["loss"], results[(False, "trl")][0]["loss"]
+        gap = max(abs(a - b) for a, b in zip(ours_loss, trl_loss))
+        print(f"check, packing=false: same batches -> per-step loss max |ours - TRL| = {gap:.2e} over "
+              f"{min(len(ours_loss), len(trl_loss))} steps (step 1: {ours_loss[0]:.4f} vs {trl_loss[0]:.4f})")
+    print("\nnot equal by construction: TRL packing=true is best-fit-decreasing and padding-free (one flattened "
+          "sequence per batch,\nattention over batch x max_length tokens under sdpa); ours packs best-fit-decreasing into "
+          "padded rows. TRL's loss uses its fused LM head.")
+
+
+def measure(args, tmp: Path) -> None:
+    model_dir = tiny_model(tmp, args)
+    packings = {"both": [False, True], "false": [False], "true": [True]}[args.packing]
+    results = run_all(args, tmp, model_dir, write_records(args, tmp), packings)
+    report(args, model_dir, results, packings)
+
+
+def main() -> None:
+    run_benchmark(parse_args(), child_main, "bench_sft_", measure)
 
 
 if __name__ == "__main__":

@@ -212,14 +212,14 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:   # Optional[X]: X's own error, which names a nested key (`judge_weights.accuracy`)
+            return _coerce(value, options[0], key, where)
+        for arg in options:
             try:
                 return _coerce(value, arg, key, where)
-            except ConfigError as err:
-                errors.append(err)
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}: key '{key}' = {value!r}: expected {_type_name(tp)}")
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -236,7 +236,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: key '{key}' = {value!r}: expected a mapping")
-        return value
+        if not typing.get_args(tp):
+            return value
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, key, where): _coerce(v, value_tp, f"{key}.{k}", where) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: key '{key}' = {value!r}: expected a mapping of {_type_name(tp)} keys")
@@ -270,6 +273,11 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
 def _build(cls: type, values: dict, sources: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    missing = [name for name, f in fields.items() if name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        where = sources.get(prefix.rstrip("."), sources.get("", "?"))
+        raise ConfigError(f"{where}: missing required key(s) {', '.join(prefix + name for name in missing)}")
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
@@ -290,8 +298,9 @@ def _build(cls: type, values: dict, sources: dict, prefix: str = "") -> Any:
 # ---------------------------------------------------------------------------------------------------------------------
 # Ranges: each Config class may declare `RANGES = {"key": "[1, inf)", "lora.r": "[1, inf)", ...}`; the tables of a
 # class and its bases are merged. "[a, b]" / "(a, b)" are closed / open ends; "inf" is unbounded (and never
-# reached: an open end). A trailing "if other_key" applies the range only when other_key is true. null passes
-# (the type says whether null is allowed); a list is checked item by item; NaN never passes.
+# reached: an open end). A trailing "if other_key" applies the range only when other_key is true. null and strings
+# pass (the type says whether they are allowed: `Union[int, Literal["auto"]]`); a list or a mapping is checked item
+# by item; NaN never passes.
 # ---------------------------------------------------------------------------------------------------------------------
 
 _RANGE = re.compile(r"^([\[(])\s*([-+\w.]+)\s*,\s*([-+\w.]+)\s*([\])])(?:\s+if\s+([\w.]+))?$")
@@ -333,8 +342,9 @@ def check_ranges(cfg: Any, sources: Optional[dict] = None) -> None:
         if condition and not _dotted_get(cfg, condition):
             continue
         value = _dotted_get(cfg, key)
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if item is None or _in_range(float(item), low, high, low_closed, high_closed):
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if item is None or isinstance(item, str) or _in_range(float(item), low, high, low_closed, high_closed):
                 continue
             where = (sources or {}).get(key, (sources or {}).get(key.split(".")[0], ""))
             kind = "an integer" if isinstance(item, int) else "a number"
@@ -485,6 +495,25 @@ def load_config(cls: type, argv: Optional[list[str]] = None, description: str = 
               f"{cfg.per_device_train_batch_size} x gradient_accumulation_steps {cfg.gradient_accumulation_steps} "
               f"x {world_size_from_env()} process(es)")
         sys.exit(0)
+    return cfg
+
+
+def load_config_file(cls: type, path: Path, overrides: list[str]) -> Any:
+    """One standalone YAML file (no `defaults:`, no globals, no `${...}`) plus `key=value` overrides -> `cls`,
+    checked as the scripts' configs are: unknown and missing keys, types, RANGES, then `validate()`."""
+    merged, sources = {}, {"": str(path)}
+    _merge(merged, load_yaml(path), sources, str(path))
+    for text in overrides:
+        if "=" not in str(text):
+            raise ConfigError(f"{path}: override {text!r}: expected key=value")
+        key, value = parse_override(str(text))
+        apply_override(merged, sources, key, value)
+        sources[key] = f"{path} (override {key})"
+    cfg = _build(cls, merged, sources)
+    cfg._source = str(path)
+    check_ranges(cfg, sources)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
     return cfg
 
 

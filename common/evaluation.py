@@ -41,6 +41,15 @@ def greedy_eval(accelerator, model, tokenizer, examples: list[Example], reward_f
             "num_scored": len(scored), "examples": rows[:5]}
 
 
+def generation_accuracy(accelerator, cfg, model, tokenizer, examples: list[Example], engine=None) -> dict:
+    """greedy_eval scored by the config's `eval_generation_reward`, on `eval_generation_samples` examples with
+    `eval_max_new_tokens` (SFT and GKD)."""
+    from common.rewards import get_reward_factory
+    reward_fn = get_reward_factory(cfg.eval_generation_reward)(cfg)
+    return greedy_eval(accelerator, model, tokenizer, examples, reward_fn, cfg.eval_max_new_tokens,
+                       cfg.eval_generation_samples, engine=engine)
+
+
 def start_rows(output_dir: str, model_name: str, start_step: int, start_eval: Optional[dict]) -> list[tuple[str, dict]]:
     """The "before" rows of a before/after table, labelled by what was evaluated. After a resume, the true start's
     numbers are read back from metrics.jsonl (its step-0 eval row), and the resumed checkpoint's eval is its own row."""

@@ -1,6 +1,8 @@
-"""The steps every script takes around its algorithm: one optimizer step, checkpoint-or-stop.
+"""The steps every script takes around its algorithm: start (accelerator, resume check), the prepared run
+(optimizer, prepare, schedule, resume, tracker, preemption), one optimizer step, checkpoint-or-stop, finish.
 
-A toolbox of functions, not a Trainer: each script keeps its own loop and calls these where its step ends.
+A toolbox, not a Trainer: each script keeps its own loop and calls these where its step starts and ends.
+`training_run` is a context manager, so the tracker and the engines close on every exit path, exceptions included.
 
 Non-finite steps: when the step's loss or gradient norm is NaN or inf on any process, the optimizer step is
 skipped on every process (gradients dropped, optimizer and schedule untouched) and counted; after
@@ -16,9 +18,9 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -106,7 +108,7 @@ def weights_finite(accelerator, *models) -> bool:
     return accelerator.reduce(flag, reduction="sum").item() == 0
 
 
-def checkpoint_or_stop(accelerator, preemption, model, tokenizer, cfg, step: int, state: dict,
+def checkpoint_or_stop(accelerator, preemption, model, tokenizer, cfg, step: int, state: Optional[dict] = None,
                        extra_models: Optional[dict] = None) -> bool:
     """At a step boundary: save when `save_steps` says so or a stop was requested; True means stop now."""
     from common.checkpoint import save_checkpoint
@@ -114,9 +116,8 @@ def checkpoint_or_stop(accelerator, preemption, model, tokenizer, cfg, step: int
     stop = preemption.should_stop(accelerator)
     if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or stop:
         ensure_finite_weights(accelerator, step, model, *(extra_models or {}).values())
-        save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step, checkpoint_state(cfg, state),
-                        cfg.save_total_limit,
-                        extra_models=extra_models)
+        save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step, checkpoint_state(cfg, state or {}),
+                        cfg.save_total_limit, extra_models=extra_models)
     if stop:
         logger.warning("preemption signal received: saved checkpoint-%d and stopping", step)
     return stop
@@ -262,7 +263,7 @@ class RunDirectory:
             self._handle = None
 
 
-def claim_output_dir(cfg, resume_path: Optional[Path], resumed_step: int, is_main: bool) -> RunDirectory:
+def claim_output_dir(cfg, resume_path: Optional[Path], is_main: bool) -> RunDirectory:
     """After every check passed: lock, clear an overwritten run, drop metrics rows past the resumed step, save
     config.yaml. Rank 0 only writes; other ranks get an empty handle."""
     import fcntl
@@ -291,7 +292,7 @@ def claim_output_dir(cfg, resume_path: Optional[Path], resumed_step: int, is_mai
             (root / name).unlink(missing_ok=True)
     if resume_path is not None:
         for name in RUN_FILES:  # rows the killed run wrote after its last checkpoint would be duplicated
-            _keep_rows_up_to(root / name, resumed_step)
+            _keep_rows_up_to(root / name, resumed_step(resume_path))
     save_config(cfg, cfg.output_dir)
     return RunDirectory(handle)
 
@@ -313,3 +314,132 @@ def _keep_rows_up_to(path: Path, step: int) -> None:
 
 def resumed_step(resume_path: Optional[Path]) -> int:
     return json.loads((resume_path / "trainer_state.json").read_text())["step"] if resume_path else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Start, the prepared run, finish
+# ---------------------------------------------------------------------------------------------------------------------
+
+def start(cfg):
+    """Logging (INFO on rank 0 only), the accelerator, the seed; then, before anything loads, the checkpoint to
+    resume and the output_dir check. Returns (accelerator, resume_path or None)."""
+    from accelerate.utils import set_seed
+
+    from common.checkpoint import resolve_resume_path
+    from common.config import fail_fast
+    from common.runtime import make_accelerator
+    from common.tracking import setup_logging
+
+    setup_logging(cfg.activate_debugging_logs, is_main=os.environ.get("RANK", "0") == "0")
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    with fail_fast():
+        resume_path = resolve_resume_path(cfg.resume_from_checkpoint, cfg.output_dir)
+        check_output_dir(cfg, resume_path, accelerator.is_main_process)
+    return accelerator, resume_path
+
+
+@dataclass
+class TrainingRun:
+    """The prepared model, optimizer and schedule, where the run resumed, its tracker, preemption flag and
+    non-finite counter: what a script's loop calls between its own stages."""
+    cfg: Any
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    tracker: Any
+    preemption: Any
+    nonfinite: NonFiniteCounter
+    total_steps: int
+    start_step: int = 0
+    resume_path: Optional[Path] = None
+    closing: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)   # closes in reverse order
+
+    def close_at_exit(self, *things) -> None:
+        """Engines, files: closed when the run ends, however it ends."""
+        for thing in things:
+            if thing is not None:
+                self.closing.callback(thing.close)
+
+    def sum_over_processes(self, value: float) -> torch.Tensor:
+        return self.accelerator.reduce(torch.tensor(float(value), device=self.accelerator.device), "sum")
+
+    def optimizer_step(self, loss, step: int) -> Union[float, str]:
+        return optimizer_step(self.accelerator, self.model, self.optimizer, self.scheduler, self.cfg.max_grad_norm,
+                              loss, self.nonfinite, step)
+
+    def step_metrics(self, grad_norm: Union[float, str]) -> dict:
+        """grad_norm (and skip counters), the learning rate."""
+        return {**step_metrics(grad_norm, self.nonfinite), "lr": self.scheduler.get_last_lr()[0]}
+
+    def should_log(self, step: int, grad_norm: Union[float, str]) -> bool:
+        return step % self.cfg.logging_steps == 0 or step == self.total_steps or grad_norm == SKIPPED
+
+    def checkpoint_or_stop(self, tokenizer, step: int, extra_models: Optional[dict] = None) -> bool:
+        return checkpoint_or_stop(self.accelerator, self.preemption, self.model, tokenizer, self.cfg, step,
+                                  extra_models=extra_models)
+
+    def finish(self, tokenizer, step: int) -> None:
+        """The final model (finite weights only) into output_dir, pushed to the Hub when asked."""
+        from common.checkpoint import push_final_model, save_model
+        ensure_finite_weights(self.accelerator, step, self.model)
+        save_model(self.accelerator, self.model, tokenizer, Path(self.cfg.output_dir))
+        if self.accelerator.is_main_process:
+            logger.info("saved final model to %s", self.cfg.output_dir)
+        if self.cfg.push_to_hub:
+            push_final_model(self.accelerator, self.cfg.output_dir, self.cfg.hub_model_id)
+
+
+@contextlib.contextmanager
+def training_run(cfg, accelerator, model, total_steps: int, resume_path: Optional[Path], claimed: RunDirectory):
+    """optimizer -> prepare -> schedule -> resume -> tracker, preemption flag; yields the TrainingRun and closes
+    its tracker and everything passed to `close_at_exit` on every exit path; the output_dir lock goes last."""
+    from common.checkpoint import PreemptionFlag, load_checkpoint
+    from common.config import config_to_dict
+    from common.runtime import make_optimizer, make_scheduler
+    from common.tracking import Tracker
+
+    optimizer = make_optimizer(cfg, model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # after prepare: DeepSpeed may regroup the parameters, and the schedule must drive the groups it steps
+    scheduler = make_scheduler(cfg, optimizer, total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    start_step = 0
+    if resume_path is not None:
+        start_step = load_checkpoint(accelerator, resume_path)["step"]
+        logger.info("resumed from %s at step %d", resume_path, start_step)
+    tracker = Tracker(cfg, accelerator.is_main_process, config_to_dict(cfg), total_steps, resume=start_step > 0)
+    run = TrainingRun(cfg, accelerator, model, optimizer, scheduler, tracker,
+                      PreemptionFlag(cfg.output_dir, accelerator.is_main_process),
+                      NonFiniteCounter(cfg.max_consecutive_nonfinite), total_steps, start_step, resume_path)
+    run.closing.callback(claimed.release)
+    run.closing.enter_context(tracker)
+    with run.closing:   # last in, first out: engines and files, then the tracker, then the lock
+        yield run
+
+
+def micro_batches(items: list, size: int) -> list[list]:
+    """Consecutive slices of `size` items (the last may be shorter)."""
+    return [items[start: start + size] for start in range(0, len(items), size)]
+
+
+class MetricSums:
+    """Scalar tensors summed by name over a step's micro-batches, then reduced over processes in one collective
+    (every process must add the same names in the same order)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, values: dict) -> None:
+        for name, value in values.items():
+            value = torch.as_tensor(value).detach().float().to(self.device)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.sums[name]
+
+    def reduced(self, accelerator, reduction: str = "mean") -> dict[str, float]:
+        totals = accelerator.reduce(torch.stack(list(self.sums.values())), reduction=reduction).tolist()
+        return dict(zip(self.sums, totals))

@@ -118,6 +118,11 @@ def count_parameters(model) -> tuple[int, int]:
     return total, trainable
 
 
+def log_parameter_count(role: str, name: str, model) -> None:
+    total, trainable = count_parameters(model)
+    logger.info("%s %s: %.2fM parameters, %.2fM trainable", role, name, total / 1e6, trainable / 1e6)
+
+
 def disable_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):

@@ -10,12 +10,21 @@ recompute what backward needs, so at most one fp32 `[chunk, V]` block exists at 
   weight given; the `[B, T, V]` logits never exist, forward or backward.
 
 Both return fp32 `[B, T]` logprobs and, on request, the per-token entropy (no gradient).
+
+- `chunked_generalized_jsd_loss(student, teacher, labels)`: GKD's generalized JSD over the unmasked tokens, a
+  chunk of tokens at a time, backward in closed form and recomputed per chunk (train_gkd.py holds the plain
+  formula it is tested against and the table of reductions).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+JSD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 # Rows per chunk default to the number whose fp32 `[rows, V]` block takes about this many bytes.
 CHUNK_BYTES = 64 * 2**20
@@ -268,3 +277,240 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     count = mask.to(x.dtype).expand_as(x)
     count = count.sum() if dim is None else count.sum(dim)
     return masked_sum(x, mask, dim) / count.clamp(min=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generalized JSD (GKD), chunked
+# ---------------------------------------------------------------------------------------------------------------------
+
+def chunked_generalized_jsd_loss(
+    student_logits_or_hidden: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    chunk_size: Optional[int] = None,
+    student_lm_head_weight: Optional[torch.Tensor] = None,
+    student_lm_head_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`generalized_jsd_loss` computed over chunks of unmasked tokens, for training.
+
+    student_logits_or_hidden: [B, T, V] student logits, or [B, T, H] final hidden states when
+    `student_lm_head_weight` [V, H] (and optionally `student_lm_head_bias` [V]) is given; then
+    the student's logits are computed chunk by chunk and never exist as a whole. (Models that
+    transform logits after the head, e.g. soft-capping, need the logits form.)
+    teacher_logits: [B, T, V], treated as constants (the teacher is frozen).
+
+    Only the N unmasked positions are read, `chunk_size` tokens at a time (default: about
+    16M float32 elements, 64 MiB, per [chunk, V] intermediate). Backward recomputes each chunk,
+    so memory beyond the inputs and their gradients is O(chunk_size * V).
+    """
+    check_jsd_arguments(None, teacher_logits, labels, beta, temperature, reduction)
+    batch_size, seq_len, vocab_size = teacher_logits.shape
+    if teacher_logits.requires_grad:
+        raise ValueError(
+            "teacher_logits requires grad, but the chunked GKD loss treats the teacher as fixed: "
+            "compute the teacher under torch.no_grad() or pass teacher_logits.detach()"
+        )
+    if student_lm_head_weight is None:
+        if student_lm_head_bias is not None:
+            raise ValueError("student_lm_head_bias was given without student_lm_head_weight")
+        if student_logits_or_hidden.shape != teacher_logits.shape:
+            raise ValueError(
+                f"student logits {tuple(student_logits_or_hidden.shape)} and teacher logits "
+                f"{tuple(teacher_logits.shape)} must have the same [B, T, V] shape"
+            )
+    else:
+        hidden_size = student_logits_or_hidden.shape[-1]
+        if student_logits_or_hidden.shape != (batch_size, seq_len, hidden_size):
+            raise ValueError(
+                f"student hidden states {tuple(student_logits_or_hidden.shape)} must be "
+                f"[B, T, H] with B, T = {batch_size}, {seq_len} from teacher_logits"
+            )
+        if student_lm_head_weight.shape != (vocab_size, hidden_size):
+            raise ValueError(
+                f"student_lm_head_weight {tuple(student_lm_head_weight.shape)} must be [V, H] = "
+                f"{(vocab_size, hidden_size)}"
+            )
+        if student_lm_head_bias is not None and student_lm_head_bias.shape != (vocab_size,):
+            raise ValueError(
+                f"student_lm_head_bias {tuple(student_lm_head_bias.shape)} must be [V] = ({vocab_size},)"
+            )
+    if chunk_size is None:
+        chunk_size = max(1, (1 << 24) // vocab_size)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+    token_mask = jsd_token_mask(labels, teacher_logits)  # [B, T]
+    batch_index, time_index = token_mask.nonzero(as_tuple=True)  # [N], [N]: unmasked positions
+    per_token = _ChunkedGeneralizedJSD.apply(
+        student_logits_or_hidden, student_lm_head_weight, student_lm_head_bias,
+        teacher_logits, batch_index, time_index, float(beta), float(temperature), chunk_size,
+    )  # [N]
+    return reduce_per_token(per_token, token_mask, reduction, vocab_size)
+
+
+class _ChunkedGeneralizedJSD(torch.autograd.Function):
+    """Per-token generalized JSD [N] at the given positions, chunk by chunk; backward recomputes.
+
+    Rows are gathered per chunk by (batch, time) index, so inputs that are non-contiguous views
+    (e.g. `logits[:, :-1]`) are never copied whole.
+    """
+
+    @staticmethod
+    def forward(ctx, student, head_weight, head_bias, teacher_logits, batch_index, time_index,
+                beta, temperature, chunk_size):
+        ctx.save_for_backward(student, head_weight, head_bias, teacher_logits, batch_index, time_index)
+        ctx.beta, ctx.temperature, ctx.chunk_size = beta, temperature, chunk_size
+        compute_dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
+        per_token = teacher_logits.new_empty(batch_index.shape[0], dtype=compute_dtype)  # [N]
+        for chunk in _chunks(batch_index.shape[0], chunk_size):
+            position = (batch_index[chunk], time_index[chunk])  # [c], [c]
+            per_token[chunk] = _per_token_generalized_jsd(
+                _student_logits_at(student, head_weight, head_bias, position),  # [c, V]
+                teacher_logits[position],  # [c, V]
+                beta, temperature,
+            )
+        return per_token
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_per_token):  # grad_per_token: [N]
+        student, head_weight, head_bias, teacher_logits, batch_index, time_index = ctx.saved_tensors
+        need_student, need_weight, need_bias = ctx.needs_input_grad[:3]
+        # Each student row is written once, so its gradient can live in the input's dtype; the
+        # head's gradients add up over chunks, so they accumulate in at least float32.
+        grad_student = torch.zeros_like(student) if need_student else None  # [B, T, V or H]
+        accumulate_dtype = None if head_weight is None else torch.promote_types(head_weight.dtype, torch.float32)
+        grad_weight = torch.zeros_like(head_weight, dtype=accumulate_dtype) if need_weight else None  # [V, H]
+        grad_bias = torch.zeros_like(head_bias, dtype=accumulate_dtype) if need_bias else None  # [V]
+        for chunk in _chunks(batch_index.shape[0], ctx.chunk_size):
+            position = (batch_index[chunk], time_index[chunk])  # [c], [c]
+            grad_logits = _generalized_jsd_student_logit_grad(
+                _student_logits_at(student, head_weight, head_bias, position),  # [c, V]
+                teacher_logits[position],  # [c, V]
+                ctx.beta, ctx.temperature,
+            )  # [c, V]: d per_token / d student logits
+            grad_logits.mul_(grad_per_token[chunk, None].to(grad_logits.dtype))
+            if head_weight is None:
+                if need_student:
+                    grad_student.index_put_(position, grad_logits.to(student.dtype))
+                continue
+            if need_student:
+                grad_hidden = grad_logits.to(head_weight.dtype) @ head_weight  # [c, H]
+                grad_student.index_put_(position, grad_hidden.to(student.dtype))
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t().to(accumulate_dtype), student[position].to(accumulate_dtype))
+            if need_bias:
+                grad_bias.add_(grad_logits.sum(0).to(accumulate_dtype))
+        if need_weight:
+            grad_weight = grad_weight.to(head_weight.dtype)
+        if need_bias:
+            grad_bias = grad_bias.to(head_bias.dtype)
+        return grad_student, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _per_token_generalized_jsd(student_logits, teacher_logits, beta, temperature):
+    """[N, V], [N, V] -> [N] divergence per token, summed over the vocabulary (autograd-safe)."""
+    student_logp = _jsd_log_softmax(student_logits, temperature)  # [N, V]
+    teacher_logp = _jsd_log_softmax(teacher_logits, temperature)  # [N, V]
+    if beta == 0:
+        return _kl(teacher_logp, student_logp)  # forward KL(T || S)
+    if beta == 1:
+        return _kl(student_logp, teacher_logp)  # reverse KL(S || T)
+    mixture_logp = _mixture_log_probs(student_logp, teacher_logp, beta)  # [N, V]
+    return beta * _kl(teacher_logp, mixture_logp) + (1 - beta) * _kl(student_logp, mixture_logp)
+
+
+def _generalized_jsd_student_logit_grad(student_logits, teacher_logits, beta, temperature):
+    """[N, V], [N, V] -> [N, V] d(per-token JSD)/d(student logits), float32, in closed form.
+
+    With s, m the student and mixture log-probs and S = exp(s):
+    d/dS_i [beta KL(T||M) + (1-beta) KL(S||M)] = (1-beta) (s_i - m_i); through the softmax,
+    d/dz = (1-beta)/temperature * S * ((s - m) - KL(S||M)). Forward KL: (S - T)/temperature;
+    reverse KL: S * ((s - t) - KL(S||T))/temperature. In-place steps keep ~4 [N, V] alive.
+    """
+    student_logp = _jsd_log_softmax(student_logits, temperature)  # [N, V]
+    teacher_logp = _jsd_log_softmax(teacher_logits, temperature)  # [N, V]
+    if beta == 0:
+        return student_logp.exp_().sub_(teacher_logp.exp_()).div_(temperature)
+    if beta == 1:
+        log_ratio, scale = teacher_logp.neg_().add_(student_logp), 1.0 / temperature  # s - t
+    else:
+        mixture_logp = _mixture_log_probs(student_logp, teacher_logp, beta)
+        del teacher_logp
+        log_ratio, scale = mixture_logp.neg_().add_(student_logp), (1 - beta) / temperature  # s - m
+    student_probs = student_logp.exp_()  # [N, V]
+    kl_student = (student_probs * log_ratio).sum(-1, keepdim=True)  # [N, 1]
+    return log_ratio.sub_(kl_student).mul_(student_probs).mul_(scale)
+
+
+def _jsd_log_softmax(logits, temperature):
+    """[N, V] -> [N, V] log-softmax of logits / temperature, in at least float32."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return F.log_softmax(logits.to(dtype) / temperature, dim=-1)
+
+
+def _mixture_log_probs(student_logp, teacher_logp, beta):
+    """log((1 - beta) * S + beta * T) from log-probs, stable (logaddexp), 0 < beta < 1."""
+    return torch.logaddexp(student_logp + math.log1p(-beta), teacher_logp + math.log(beta))
+
+
+def _kl(p_logp, q_logp):
+    """[N, V], [N, V] -> [N] KL(P || Q) = sum_v P (log P - log Q)."""
+    return (p_logp.exp() * (p_logp - q_logp)).sum(-1)
+
+
+def _chunks(num_tokens, chunk_size):
+    """Slices covering range(num_tokens), chunk_size at a time."""
+    return [slice(start, start + chunk_size) for start in range(0, num_tokens, chunk_size)]
+
+
+def _student_logits_at(student, head_weight, head_bias, position):
+    """[c, V] student logits at (batch, time) positions, from logits or hidden states + head."""
+    if head_weight is None:
+        return student[position]
+    return F.linear(student[position], head_weight, head_bias)
+
+
+def jsd_token_mask(labels, logits):
+    """[B, T] True where the loss applies."""
+    if labels is None:
+        return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+    return labels != IGNORE_INDEX
+
+
+def reduce_per_token(per_token, token_mask, reduction, vocab_size):
+    """[N] per-token divergences -> the requested reduction (see the table above)."""
+    num_tokens = per_token.shape[0]
+    if reduction == "batchmean":
+        return per_token.sum() / max(num_tokens, 1)
+    if reduction == "sum":
+        return per_token.sum()
+    if reduction == "mean":
+        return per_token.sum() / max(num_tokens * vocab_size, 1)
+    full = per_token.new_zeros(token_mask.shape)  # [B, T]
+    return full.masked_scatter(token_mask, per_token)
+
+
+def check_jsd_arguments(student_logits, teacher_logits, labels, beta, temperature, reduction):
+    if teacher_logits.dim() != 3:
+        raise ValueError(f"teacher_logits must be [B, T, V], got shape {tuple(teacher_logits.shape)}")
+    if student_logits is not None and student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)} must have the same [B, T, V] shape"
+        )
+    if labels is not None and labels.shape != teacher_logits.shape[:2]:
+        raise ValueError(f"labels {tuple(labels.shape)} must be [B, T] = {tuple(teacher_logits.shape[:2])}")
+    if not is_real_number(beta) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if not is_real_number(temperature) or not 0.0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if reduction not in JSD_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {JSD_REDUCTIONS}, got {reduction!r}")
+
+
+def is_real_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)

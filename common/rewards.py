@@ -14,10 +14,13 @@ anti-gaming cap); `combine_rewards` weights and sums the functions' outputs per 
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+import torch
 
 
 @dataclass
@@ -336,3 +339,40 @@ def combine_rewards(
         present = [(w, rewards[sample]) for w, rewards in zip(weights, per_function) if rewards[sample] is not None]
         combined.append(sum(w * float(r) for w, r in present) if present else None)
     return combined
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring a batch on tensors (train_grpo.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def score_rollouts(reward_functions: list, inputs: list) -> torch.Tensor:
+    """[N, F] rewards of N samples under F (name, function) pairs, NaN where a function returned None."""
+    columns = []
+    for name, function in reward_functions:
+        values = function(inputs)
+        if len(values) != len(inputs):
+            raise RuntimeError(f"reward function {name!r} returned {len(values)} values for {len(inputs)} samples")
+        columns.append([math.nan if v is None else float(v) for v in values])
+    return torch.tensor(columns, dtype=torch.float32).T.reshape(len(inputs), len(columns))
+
+
+def weighted_rewards(per_function: torch.Tensor, weights: Optional[list[float]]) -> torch.Tensor:
+    """[N, F] (NaN = None) -> [N]: `combine_rewards` on tensors, the weighted sum of the present rewards (no
+    renormalisation), NaN where every function returned None. Summed in float64, as combine_rewards does."""
+    weight = torch.tensor([1.0] * per_function.shape[1] if weights is None else weights, dtype=torch.float64)  # [F]
+    summed = (per_function.double() * weight).nansum(dim=1)                  # [N] a None adds nothing
+    return torch.where((~per_function.isnan()).any(dim=1), summed, math.nan).float()   # [N] all None: NaN
+
+
+@dataclass
+class RewardResult:
+    """One generation batch's rewards, all processes' samples in rank order (N = processes x local samples)."""
+    per_function: torch.Tensor   # [N, F] NaN where a function returned None
+    combined: torch.Tensor       # [N] weighted sum; NaN where every function returned None
+    advantages: torch.Tensor     # [N]
+    stats: dict                    # reward_mean, reward_std, frac_reward_none, frac_zero_std_groups
+
+    def local(self, rank: int, world: int) -> "RewardResult":
+        """This process's samples (each process scores a contiguous block)."""
+        return RewardResult(self.per_function.view(world, -1, self.per_function.shape[1])[rank],
+                            self.combined.view(world, -1)[rank], self.advantages.view(world, -1)[rank], self.stats)

@@ -323,7 +323,7 @@ class HFGenerateEngine:
         output = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
                        position_ids=position_ids[:, :-1], use_cache=True, logits_to_keep=1)
         rows = torch.arange(len(prompts), device=input_ids.device).repeat_interleave(group)     # [U * G]
-        return {cache_arg: repeat_cache_rows(returned_cache(output), rows, owner="share_prompt_prefix")}
+        return {cache_arg: repeat_cache_rows(returned_cache(output), rows, key="share_prompt_prefix")}
 
     def _device(self, model) -> torch.device:
         if self.accelerator is not None:

@@ -62,12 +62,13 @@ class Tracker:
         self._print_progress(row, step)
 
     def _print_progress(self, row: dict, step: int) -> None:
+        # the clock starts at the first logged step: its own duration is unknown (set-up, compilation), so the
+        # ETA shows "?" until the steps after it have been timed
         if self.start_step is None:
-            self.start_step = step - 1
+            self.start_step = step
             self.start_time = time.time()
         done = step - self.start_step
-        elapsed = time.time() - self.start_time
-        eta = elapsed / max(done, 1) * (self.total_steps - step)
+        eta = (time.time() - self.start_time) / done * (self.total_steps - step) if done > 0 else None
         shown = [f"step {step}/{self.total_steps}"]
         for key in ("loss", "reward", "kl", "eval/loss", "eval/reward", "eval/greedy_accuracy", "lr", "tokens_per_second"):
             if row.get(key) is not None:
@@ -77,7 +78,7 @@ class Tracker:
             shown.append("optimizer step SKIPPED (non-finite)")
         if row.get("nonfinite_steps"):
             shown.append(f"nonfinite_steps {row['nonfinite_steps']}")
-        shown.append(f"eta {time.strftime('%H:%M:%S', time.gmtime(max(eta, 0)))}")
+        shown.append("eta ?" if eta is None else f"eta {time.strftime('%H:%M:%S', time.gmtime(max(eta, 0)))}")
         print(" | ".join(shown), file=sys.stderr, flush=True)
 
     def log_completions(self, rows: list[dict], step: int) -> None:
@@ -94,8 +95,14 @@ class Tracker:
                                                         data=[[row.get(c) for c in columns] for row in rows])},
                             step=step)
 
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
-        if not self.is_main:
+        if not self.is_main or self._metrics_file.closed:
             return
         self._metrics_file.close()
         if self._wandb is not None:

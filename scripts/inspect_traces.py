@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: `common` lives at the repo root
 
-from common.traces import (DEFAULT_REVIEW_STATUSES, filter_reason, grpo_records, load_sessions,  # noqa: E402
-                           sft_records)
+from common.trace_sessions import load_sessions  # noqa: E402
+from common.traces import DEFAULT_REVIEW_STATUSES, filter_reason, grpo_records, sft_records  # noqa: E402
 
 
 def _distribution(name: str, scores: list[float], total: int) -> str:

@@ -20,7 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.judges import TRAJECTORY_FIELDS, RIMReward, Trajectory, reward_system_dict  # noqa: E402
+from common.judge_schema import reward_system_dict  # noqa: E402
+from common.judge_verdicts import TRAJECTORY_FIELDS, Trajectory  # noqa: E402
+from common.judges import RIMReward  # noqa: E402
 
 
 def read_records(path: Path) -> list[Trajectory]:

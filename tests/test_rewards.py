@@ -140,3 +140,25 @@ def test_combine_rewards():
         combine_rewards(per_function, [1.0])
     with pytest.raises(ValueError, match="reward function 1 returned 1 values for 4 samples"):
         combine_rewards([[1.0] * 4, [1.0]])
+
+
+def test_weighted_rewards_on_tensors_equal_combine_rewards():
+    """The training loop weights [N, F] tensors (NaN = None); the numbers are combine_rewards' exactly."""
+    import math
+    import random
+
+    import torch
+
+    from common.rewards import weighted_rewards
+
+    rng = random.Random(0)
+    columns = [[rng.choice([None, 0.0, 1.0, rng.uniform(-2, 2)]) for _ in range(50)] for _ in range(3)]
+    weights = [0.7, 1.3, -0.25]
+    tensor = torch.tensor([[math.nan if v is None else v for v in column] for column in columns]).T   # [N, F]
+    for w in (None, weights):
+        expected = combine_rewards([[None if v is None else float(torch.tensor(v, dtype=torch.float32)) for v in c]
+                                    for c in columns], w)
+        found = weighted_rewards(tensor, w).tolist()
+        assert [None if math.isnan(v) else v for v in found] == \
+            [None if e is None else float(torch.tensor(e, dtype=torch.float32)) for e in expected]
+    assert math.isnan(weighted_rewards(torch.full((1, 3), math.nan), weights)[0])

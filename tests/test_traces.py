@@ -14,7 +14,8 @@ import pyarrow
 import pytest
 
 from common.args import DataArgs
-from common.traces import DEFAULT_EXECUTOR_SYSTEM_PROMPT, get_runtime_trace_dataset, load_sessions
+from common.trace_sessions import load_sessions
+from common.traces import DEFAULT_EXECUTOR_SYSTEM_PROMPT, get_runtime_trace_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -141,8 +141,8 @@ def test_shared_prompt_forward_equals_the_full_forward(tiny_model_dir, lengths):
     assert cache_arg in ("cache", "past_key_values")
     rollouts = _rollouts(lengths)
     batch = logprobs.rollout_batch(rollouts, pad_token_id=0, mask_truncated=False, share_prompts=True)
-    assert batch["prompt_of_row"].tolist() == [r.prompt_index for r in rollouts]
-    mask = batch["completion_mask"]
+    assert batch.prompt_of_row.tolist() == [r.prompt_index for r in rollouts]
+    mask = batch.completion_mask
     weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(1))
 
     def run(arg):
@@ -164,12 +164,12 @@ def test_rollout_batch_maps_rows_to_distinct_prompts_the_same_way_on_every_proce
     from common import logprobs
 
     distinct = logprobs.rollout_batch(_rollouts([(4, [1]), (5, [1])]), 0, False, share_prompts=True)
-    assert distinct["prompt_of_row"].tolist() == [0, 1] and distinct["prompt_first_row"].tolist() == [0, 1]
-    assert distinct["completion_width"] == 2 and distinct["completion_mask"].tolist() == [[1, 0], [1, 0]]
+    assert distinct.prompt_of_row.tolist() == [0, 1] and distinct.prompt_first_row.tolist() == [0, 1]
+    assert distinct.completion_width == 2 and distinct.completion_mask.tolist() == [[1, 0], [1, 0]]
     repeated = logprobs.rollout_batch(_rollouts([(4, [2, 2]), (5, [3])]), 0, False, share_prompts=True)
-    assert repeated["prompt_of_row"].tolist() == [0, 0, 1] and repeated["prompt_first_row"].tolist() == [0, 2]
+    assert repeated.prompt_of_row.tolist() == [0, 0, 1] and repeated.prompt_first_row.tolist() == [0, 2]
     off = logprobs.rollout_batch(_rollouts([(4, [1, 1])]), 0, False, share_prompts=False)
-    assert off["prompt_of_row"] is None and off["completion_width"] == 1
+    assert off.prompt_of_row is None and off.completion_width == 1
 
 
 def test_grpo_run_is_the_same_with_and_without_shared_prompts(tiny_model_dir, tmp_path):
@@ -205,8 +205,8 @@ rollouts = _rollouts([(6 + rank, [4, 2, 4]), (4, [3, 4, 1])], seed=rank)   # eac
 batch = logprobs.rollout_batch(rollouts, 0, False, share_prompts=True)
 cache_arg = cache_argument(accelerator.unwrap_model(model))
 logps = logprobs.completion_logprobs(model, batch, 1.0, cache_arg)   # two forwards through DDP, one backward
-accelerator.backward((logps * batch["completion_mask"]).sum())
-(logprobs.completion_logprobs(reference, batch, 1.0) * batch["completion_mask"]).sum().backward()
+accelerator.backward((logps * batch.completion_mask).sum())
+(logprobs.completion_logprobs(reference, batch, 1.0) * batch.completion_mask).sum().backward()
 worst = 0.0
 for (name, p), q in zip(accelerator.unwrap_model(model).named_parameters(), reference.parameters()):
     expected = accelerator.reduce(q.grad.clone(), "mean")   # what DDP's all-reduce must give
@@ -243,7 +243,7 @@ def test_logprobs_from_the_lm_head_equal_the_logits_path(tiny_model_dir, share, 
     assert head is not None and model.config.tie_word_embeddings   # the tied case: two uses of one weight
     batch = logprobs.rollout_batch(_rollouts([(9, [5, 3, 5, 1]), (6, [4, 5, 2, 5])]), 0, False, share_prompts=share)
     cache_arg = cache_argument(model) if share else None
-    mask = batch["completion_mask"]
+    mask = batch.completion_mask
     weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(1))
 
     def run(lm_head):
