@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +117,7 @@ def main() -> None:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(60)
+        shutil.rmtree(work, ignore_errors=True)   # the saved model (2 GB at the full shape)
     baseline = rows[0]["seconds"]
     print(f"\n{parameters / 1e6:.0f}M parameters, {tensors} tensors, {parameters * 4 / 1e9:.2f} GB fp32\n")
     print("| variant | buckets | time | GB/s | time / per-parameter | greedy = trainer's |")
