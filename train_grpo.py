@@ -18,9 +18,10 @@ Choices this script makes:
 - Logprobs for the loss come from the training model's own forward (common/logprobs.py); with
   `unbias_log_probabilities` the logits are divided by the sampling temperature (policy and reference alike).
 - Rollouts come from vLLM inside each training process (`use_vllm`, common/vllm_engine.py; weights synced after
-  every optimizer step, each rollout tagged with the step whose weights sampled it) or from transformers `generate`
-  on the policy itself (`use_vllm=false`). `rollout/logprob_diff_*` compare the engine's sampling logprobs with
-  the trainer's own at the same temperature.
+  every optimizer step, each rollout tagged with the step whose weights sampled it), from vLLM's own server(s)
+  (`use_vllm_server`, common/vllm_server.py: weights pushed through its RL endpoints after every optimizer step,
+  the version each server holds checked) or from transformers `generate` on the policy itself (`use_vllm=false`).
+  `rollout/logprob_diff_*` compare the engine's sampling logprobs with the trainer's own at the same temperature.
 - `share_prompt_prefix`: each distinct prompt of a micro-batch runs once, its KV cache serving its G completions.
 - `logprobs_from_hidden`: the lm_head returns the completion tokens' logprobs, so [B, C, V] logits never exist whole.
   Both give the same numbers as the plain forward (common/logprobs.py, LogprobScorer).
@@ -95,9 +96,17 @@ class Config(CommonArgs):
     vllm_tensor_parallel_size: int = 1               # processes sharing one engine (must divide the process count)
     vllm_enable_sleep_mode: bool = False             # GPU only: engine memory freed while the trainer updates
     vllm_sync_group_mb: float = 256                  # ZeRO-3 weight sync: most MiB gathered at once
-    use_vllm_server: bool = False
+    use_vllm_server: bool = False                    # vLLM's own server(s) (common/vllm_server.py); over use_vllm
     vllm_host: Optional[str] = None
     vllm_port: Optional[int] = None
+    vllm_servers: list[str] = field(default_factory=list)   # more policy servers, "host:port"; prompts split over all
+    vllm_server_transport: Literal["auto", "gloo", "nccl"] = "auto"   # weight push; auto: nccl on GPUs, else gloo
+    vllm_sync_bucket_mb: float = 256                 # weight push: most MiB per broadcast bucket
+    vllm_transfer_address: Optional[str] = None      # this machine as the servers reach it; null: loopback or hostname
+    vllm_server_timeout: float = 600                 # seconds per server request
+    vllm_server_retries: int = 3                     # retries of a failed request (a weight update is never retried)
+    student_engine: Literal["hf", "server"] = "hf"   # teacher GRPO: the frozen student's backend (hf: generate)
+    student_vllm_server: Optional[str] = None        # student_engine=server: its vLLM server, "host:port"
     reward_funcs: list[str] = field(default_factory=lambda: ["math_verify"])
     reward_weights: Optional[list[float]] = None
     sync_ref_model: bool = False
@@ -154,7 +163,8 @@ class Config(CommonArgs):
         "reward_weights": "(-inf, inf)", "ref_model_sync_steps": "[1, inf)", "ref_model_mixup_alpha": "[0, 1]",
         "logging_prob": "[0, 1]", "epsilon_low": "[0, 1)", "epsilon_high": "[0, inf)", "num_iterations": "[1, inf)",
         "generation_batch_size": "[1, inf)", "eval_max_samples": "[1, inf)", "math_verify_timeout": "[1, inf)",
-        "vllm_tensor_parallel_size": "[1, inf)", "vllm_sync_group_mb": "(0, inf)",
+        "vllm_tensor_parallel_size": "[1, inf)", "vllm_sync_group_mb": "(0, inf)", "vllm_sync_bucket_mb": "(0, inf)",
+        "vllm_server_timeout": "(0, inf)", "vllm_server_retries": "[0, inf)",
         # teacher GRPO
         "max_probe_tokens": "[1, inf)", "teaching_partial_credit": "[0, 1]", "teaching_degradation_penalty": "(-inf, 0]",
         "teaching_efficiency_bonus": "[0, inf)", "teaching_leak_cap": "(-inf, inf)", "rlt_temperature": "(0, inf)",
@@ -187,9 +197,10 @@ class Config(CommonArgs):
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"key 'reward_weights' has {len(self.reward_weights)} entries for "
                               f"{len(self.reward_funcs)} reward_funcs")
-        if self.use_vllm_server and (not self.vllm_host or not self.vllm_port):
-            raise ConfigError("use_vllm_server=true needs vllm_host and vllm_port")
-        if self.use_vllm:
+        if self.use_vllm_server:
+            from common.vllm_server import check_server_config
+            check_server_config(self)
+        elif self.use_vllm:
             from common.vllm_engine import check_vllm_config
             check_vllm_config(self, world)
         if self.beta < 0:
@@ -399,7 +410,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         cfg = load_config(Config, argv, description=__doc__)
 
     # ----- setup -----------------------------------------------------------------------------------------------------
-    from common.loop import claim_output_dir, start, training_run
+    from common.loop import checkpoint_on_server_failure, claim_output_dir, start, training_run
     from common.models import prepare_frozen_model
     from common.rollout import HFGenerateEngine, make_engine, vllm_options
     from common.runtime import bf16_supported
@@ -410,9 +421,13 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     # ----- data and rewards (before models: bad input fails fast) ----------------------------------------------------
     with fail_fast():
-        if cfg.use_vllm_server or cfg.use_ray:   # checked here, not in validate(), so --print-config resolves them
-            raise ConfigError("use_vllm_server / use_ray: the vLLM server backends are not available yet; set "
-                              "use_vllm_server=false use_ray=false (use_vllm=true runs vLLM in the training processes)")
+        if cfg.use_ray:   # checked here, not in validate(), so --print-config resolves it
+            raise ConfigError("use_ray: engines as Ray actors are not available yet; set use_ray=false "
+                              "(use_vllm_server=true runs vLLM's own server, use_vllm=true vLLM in the training "
+                              "processes)")
+        if cfg.use_vllm_server:   # a server that is down stops the run here, named, before any model loads
+            from common.vllm_server import check_servers_up, parse_servers
+            check_servers_up(parse_servers(cfg.vllm_host, cfg.vllm_port, cfg.vllm_servers), "vllm_host")
         inputs = load_inputs(cfg, prompts_per_step)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(
         1, math.ceil(len(inputs.train_examples) // prompts_per_step * cfg.num_train_epochs) * cfg.num_iterations)
@@ -429,14 +444,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         student = prepare_frozen_model(accelerator, student) if student is not None else None
         if run.resume_path is not None and reference is not None and cfg.sync_ref_model:
             load_synced_reference(cfg, accelerator, reference, run.resume_path, use_bf16)
-        if cfg.use_vllm:   # loaded from the policy's path, then synced with the training weights (resumed ones too)
+        if cfg.use_vllm_server:   # vLLM's own server(s), synced with the training weights (resumed ones too)
+            from common.vllm_server import server_options
+            engine = make_engine("server", **server_options(cfg, inputs.tokenizer, accelerator))
+        elif cfg.use_vllm:   # loaded from the policy's path, then synced with the training weights (resumed ones too)
             engine = make_engine("vllm", model_path=cfg.model_name_or_path, tokenizer=inputs.tokenizer,
                                  accelerator=accelerator, **vllm_options(cfg, use_bf16))
         else:
             engine = HFGenerateEngine(model, inputs.tokenizer, accelerator=accelerator,
                                       batch_size=cfg.generation_batch_size, share_prompt_prefill=cfg.share_prompt_prefix)
         run.close_at_exit(engine)
-        weights_version = engine.sync_weights(model, version=run.start_step)   # = the optimizer step of the weights
+        with checkpoint_on_server_failure(accelerator, model, inputs.tokenizer, cfg, 0, {}):
+            weights_version = engine.sync_weights(model, version=run.start_step)   # = the optimizer step of weights
         if inputs.teacher is not None:   # >>> teacher run: the student's engine and the episode loop on the models
             inputs.teacher.connect(accelerator, model, reference, student, engine, inputs.tokenizer,
                                    inputs.reward_functions)
@@ -477,7 +496,7 @@ def load_inputs(cfg, prompts_per_step: int) -> Inputs:
 def train(cfg, run, inputs: Inputs, engine, weights_version: int, reference, prompts_per_step: int) -> bool:
     """The GRPO loop: rollout -> reward -> old / reference logprobs -> update -> log -> checkpoint, then the final
     save and eval. False when a preemption stopped it."""
-    from common.loop import MetricSums
+    from common.loop import MetricSums, checkpoint_on_server_failure
     accelerator, model, tokenizer, teacher = run.accelerator, run.model, inputs.tokenizer, inputs.teacher
     rank, world, reward_functions = accelerator.process_index, accelerator.num_processes, inputs.reward_functions
     sampling = sampling_params(cfg)
@@ -498,8 +517,11 @@ def train(cfg, run, inputs: Inputs, engine, weights_version: int, reference, pro
         if fresh_rollouts:   # sampled by the weights the first update of this batch starts from
             # ----- rollout -------------------------------------------------------------------------------------
             local_indices = step_prompts(cfg, step, len(inputs.train_examples), prompts_per_step, rank, world)
-            rollouts, episodes = sample_rollouts(run, engine, teacher, sampling, inputs, local_indices, step,
-                                                 weights_version)
+            # a server down: a checkpoint of the weights so far, then stop
+            with checkpoint_on_server_failure(accelerator, model, tokenizer, cfg, step - 1,
+                                              {"generation_round": (step - 1) // cfg.num_iterations}):
+                rollouts, episodes = sample_rollouts(run, engine, teacher, sampling, inputs, local_indices, step,
+                                                     weights_version)
             generate_seconds = time.time() - step_start
 
             # ----- reward --------------------------------------------------------------------------------------
@@ -542,8 +564,12 @@ def train(cfg, run, inputs: Inputs, engine, weights_version: int, reference, pro
             sums.add({"loss": loss.detach() * scale / accum, **loss_metrics})
         grad_norm = run.optimizer_step(sums["loss"], step)
         sync_start = time.time()
-        weights_version = engine.sync_weights(model, version=step)   # the next rollouts sample these weights
+        with checkpoint_on_server_failure(accelerator, model, tokenizer, cfg, step,
+                                          {"generation_round": step // cfg.num_iterations}):
+            weights_version = engine.sync_weights(model, version=step)   # the next rollouts sample these weights
         metrics["time/weight_sync"] = time.time() - sync_start
+        if cfg.use_vllm_server:   # the packer's figures: buckets, megabytes, GB/s
+            metrics.update(engine.sync_metrics())
         if reference is not None and cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
             sync_reference(accelerator, model, reference, cfg.ref_model_mixup_alpha)
 
@@ -766,7 +792,7 @@ def evaluate_policy(cfg, run, teacher, engine, tokenizer, eval_examples: list, r
         return result
     result = greedy_eval(run.accelerator, run.model, tokenizer, eval_examples, reward_fn, cfg.max_completion_length,
                          cfg.eval_max_samples, batch_size=cfg.per_device_eval_batch_size * 8,
-                         engine=engine if cfg.use_vllm else None)
+                         engine=engine if cfg.use_vllm or cfg.use_vllm_server else None)
     run.tracker.log({"eval/reward": result["accuracy"], "eval/num_samples": result["num_scored"]}, step)
     return result
 

@@ -144,6 +144,36 @@ def finite_sampling(accelerator, step: int, model):
         raise
 
 
+@contextlib.contextmanager
+def checkpoint_on_server_failure(accelerator, model, tokenizer, cfg, step: int, state: dict,
+                                 extra_models: Optional[dict] = None):
+    """A vLLM server down or dead inside the block (`ServerError`, on any process): every process saves
+    checkpoint-`step` (the weights the block started from) and the run stops with the error, host and port named.
+    Without a server backend the block runs as is."""
+    from common.vllm_server import ServerError
+
+    if not (getattr(cfg, "use_vllm_server", False) or getattr(cfg, "student_engine", "hf") == "server"):
+        yield
+        return
+    failure = None
+    try:
+        yield
+    except ServerError as err:
+        failure = err
+    failed = failure is not None
+    if accelerator.num_processes > 1:   # every process must reach the save together
+        flag = torch.tensor([float(failed)], device=accelerator.device)
+        failed = accelerator.reduce(flag, reduction="max").item() > 0
+    if failed:
+        from common.checkpoint import save_checkpoint
+        if step > 0:
+            save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step, checkpoint_state(cfg, state),
+                            cfg.save_total_limit, extra_models=extra_models)
+        where = f"saved checkpoint-{step}; resume with resume_from_checkpoint=true once the server is back" \
+            if step > 0 else "nothing trained yet, no checkpoint"
+        raise ServerError(f"{failure or 'a vLLM server failed on another process'} ({where})") from failure
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # One run per output directory
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ all `num_generations` samples of prompt 0, then those of prompt 1, and so on.
 Backends (`make_engine(kind)`):
   hf      transformers `generate` on the training model itself (`HFGenerateEngine`, below)
   vllm    vLLM's `LLM` in the training processes (`common.vllm_engine.VLLMEngine`, imported only when chosen)
-  server  external vLLM server over HTTP -- not available yet
+  server  vLLM's own OpenAI-compatible server over HTTP, weights pushed through its RL endpoints
+          (`common.vllm_server.VLLMServerEngine`)
 
 An engine is either the policy's (synced after every optimizer step: `sync_weights`) or a frozen sampler built
 from a model path and never synced (the teacher-GRPO student, GKD's teacher with seq_kd); the backend of each
@@ -386,7 +387,9 @@ def make_engine(kind: str, **kwargs) -> RolloutEngine:
     "vllm" -> VLLMEngine(model_path=, tokenizer=, accelerator=, ...) (common/vllm_engine.py): an engine loaded
               from `model_path`; the policy's is then synced with sync_weights(model) after every optimizer
               step, a frozen sampler's never. `vllm_options(cfg)` turns a script config into its keywords.
-    "server" is not available yet.
+    "server" -> VLLMServerEngine(servers=[(host, port)], tokenizer=, accelerator=, sync=, ...)
+              (common/vllm_server.py): vLLM servers; the policy's (sync=True) gets its weights pushed after every
+              optimizer step, a frozen sampler's never. `server_options(cfg, tokenizer, accelerator)` gives them.
     """
     if kind == "hf":
         return HFGenerateEngine(**kwargs)
@@ -394,8 +397,8 @@ def make_engine(kind: str, **kwargs) -> RolloutEngine:
         from common.vllm_engine import VLLMEngine
         return VLLMEngine(**kwargs)
     if kind == "server":
-        raise NotImplementedError("the external vLLM server backend is not available yet; set "
-                                  "use_vllm_server=false and use_vllm=false to generate with transformers")
+        from common.vllm_server import VLLMServerEngine
+        return VLLMServerEngine(**kwargs)
     raise ValueError(f"unknown rollout engine kind {kind!r}; expected one of {', '.join(ENGINE_KINDS)}")
 
 

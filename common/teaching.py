@@ -563,6 +563,17 @@ class TeacherRun:
             except (OSError, ValueError) as err:
                 raise ValueError(f"key 'student_model' = {cfg.student_model!r} does not load: "
                                  f"{str(err).splitlines()[0]}") from None
+        if getattr(cfg, "student_engine", "hf") == "server":
+            if is_api_student(cfg.student_model):
+                raise ValueError("key 'student_engine' = server: the student is an API model (student_model = "
+                                 f"{cfg.student_model!r}); set student_engine=hf or a local student_model")
+            from common.vllm_server import check_servers_up, parse_servers
+            try:
+                servers = parse_servers(None, None, [cfg.student_vllm_server or ""])
+            except ValueError:
+                raise ValueError(f"key 'student_vllm_server' = {cfg.student_vllm_server!r}: student_engine=server "
+                                 f"needs the student's vLLM server as host:port") from None
+            check_servers_up(servers, "student_vllm_server")
         for name, function in reward_functions:
             if name in ("teaching_improvement", "rlt", "math_verify", "arithmetic", "exact_match"):
                 if all(e.ground_truth is None for e in train_examples):
@@ -597,9 +608,16 @@ class TeacherRun:
             if frozen is None:   # PEFT: the reference (and so the student) is the adapter-free policy
                 frozen = model
                 adapter_off = lambda: accelerator.unwrap_model(model).disable_adapter()  # noqa: E731
-            student_engine = make_engine("hf", model=frozen, tokenizer=self.student_tokenizer, accelerator=accelerator,
-                                         batch_size=cfg.generation_batch_size,
-                                         share_prompt_prefill=cfg.share_prompt_prefix)
+            if getattr(cfg, "student_engine", "hf") == "server":   # a vLLM server serving the student, never synced
+                from common.vllm_server import parse_servers
+                student_engine = make_engine("server", servers=parse_servers(None, None, [cfg.student_vllm_server]),
+                                             tokenizer=self.student_tokenizer, accelerator=accelerator, sync=False,
+                                             timeout_s=cfg.vllm_server_timeout, retries=cfg.vllm_server_retries)
+                adapter_off = None   # the server holds the student's weights itself
+            else:
+                student_engine = make_engine("hf", model=frozen, tokenizer=self.student_tokenizer,
+                                             accelerator=accelerator, batch_size=cfg.generation_batch_size,
+                                             share_prompt_prefill=cfg.share_prompt_prefix)
             self.student = EngineStudent(student_engine, self.student_tokenizer, adapter_off)
         self.loop = TeachingLoop(args, self.student, engine, tokenizer,
                                  answer_checker(cfg.teaching_answer_checker, cfg), cfg.max_prompt_length,

@@ -463,12 +463,12 @@ def test_bad_teacher_data_or_student_fails_before_models_load(tiny_model_dir, te
     assert not out.exists()
 
 
-def test_teacher_rcl_resolves_to_the_spec_and_a_run_stops_before_models_until_the_server_backend_exists(
+def test_teacher_rcl_resolves_to_the_spec_and_a_run_without_its_servers_stops_before_models(
         tmp_path, capsys, monkeypatch):
     import train_grpo
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    argv = ["--config", "configs/recipe/teacher_rcl.yaml", "vllm_host=127.0.0.1", "vllm_port=8000"]
+    argv = ["--config", "configs/recipe/teacher_rcl.yaml", "vllm_host=127.0.0.1", "vllm_port=1"]
     cfg = load_config(train_grpo.Config, argv)
     assert (cfg.model_name_or_path, cfg.dataset_id_or_path, cfg.train_batch_size, cfg.num_generations) == \
         ("Qwen/Qwen3-8B", "Arc-Intelligence/Arc-ATLAS-Teach-v0", 128, 8)
@@ -485,5 +485,5 @@ def test_teacher_rcl_resolves_to_the_spec_and_a_run_stops_before_models_until_th
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as stopped:
         train_grpo.main([*argv, f"output_dir={out}"])
-    assert stopped.value.code == 2 and "not available yet" in capsys.readouterr().err
+    assert stopped.value.code == 2 and "vLLM server at 127.0.0.1:1 is down" in capsys.readouterr().err
     assert not out.exists()
