@@ -10,7 +10,7 @@ import torch
 
 from common.args import CommonArgs
 from common.data import (IGNORE_INDEX, Example, collate_sft, load_examples, load_train_eval, make_arithmetic_dataset,
-                         pack_examples, row_to_example, split_examples, tokenize_example)
+                         pack_examples, split_examples, tokenize_example)
 from train_sft import sft_loss_sum
 
 

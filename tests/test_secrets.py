@@ -2,7 +2,6 @@
 writes, not on the console, not in the trackers; nothing is written before the start-up checks pass."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -25,7 +25,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (CPU: pip install vllm
 
 from conftest import ROOT  # noqa: E402
 from common.rollout import HFGenerateEngine, SamplingParams  # noqa: E402
-from common.vllm_server import ServerError, VLLMServerEngine, free_port  # noqa: E402
+from common.vllm_server import VLLMServerEngine, free_port  # noqa: E402
 
 TEXTS = ("12+30=", "hello there", "a", "7+8=")
 GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
