@@ -11,11 +11,8 @@ Variants (inputs fp32; B x T tokens, part of each row masked as a prompt would b
   trl        TRL GKDTrainer.generalized_jsd_loss on [B, T, V] logits          (baseline)
   plain      our generalized_jsd_loss on the same logits
   chunked    our chunked_generalized_jsd_loss on the same logits               (headline)
-  trl-hidden TRL's loss on logits = hidden @ W.T, hidden [B, T, H], head W [V, H] (baseline 2)
-  chunked-hidden  our chunked loss given hidden + W (logits never materialized)
 
     .venv/bin/python bench/gkd_loss_memory.py [--batch 2 --seq 256 --vocab 150000]
-    .venv/bin/python bench/gkd_loss_memory.py --variants trl-hidden,chunked-hidden --hidden 512
 """
 from __future__ import annotations
 
@@ -30,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = ("trl", "plain", "chunked", "trl-hidden", "chunked-hidden")
+VARIANTS = ("trl", "plain", "chunked")
 
 
 def _loss_fn(variant):
@@ -45,7 +42,7 @@ def _loss_fn(variant):
     return train_gkd.generalized_jsd_loss if variant == "plain" else train_gkd.chunked_generalized_jsd_loss
 
 
-def _inputs(args, vocab, hidden, seed):
+def _inputs(args, vocab, seed):
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -53,42 +50,28 @@ def _inputs(args, vocab, hidden, seed):
     teacher = torch.randn(*shape, vocab, generator=generator) * 2  # [B, T, V]
     labels = torch.randint(0, vocab, shape, generator=generator)  # [B, T]
     labels[:, : args.prompt_len] = -100
-    if hidden:
-        student_hidden = torch.randn(*shape, hidden, generator=generator)  # [B, T, H]
-        head = torch.randn(vocab, hidden, generator=generator) / hidden**0.5  # [V, H]
-        return student_hidden.requires_grad_(), head.requires_grad_(), teacher, labels
     student = torch.randn(*shape, vocab, generator=generator) * 2  # [B, T, V]
-    return student.requires_grad_(), None, teacher, labels
-
-
-def _run(variant, loss_fn, student, head, teacher, labels, beta, temperature):
-    if variant == "chunked-hidden":
-        return loss_fn(student, teacher, labels, beta, temperature, student_lm_head_weight=head)
-    if variant == "trl-hidden":
-        return loss_fn(student @ head.T, teacher, labels, beta, temperature)
-    return loss_fn(student, teacher, labels, beta, temperature)
+    return student.requires_grad_(), teacher, labels
 
 
 def child(args):
     import torch
 
     loss_fn = _loss_fn(args.variant)
-    hidden = args.hidden if args.variant.endswith("hidden") else 0
     # one-time allocations (kernels, thread pools, autograd engine) on tiny inputs
     tiny = argparse.Namespace(batch=1, seq=4, prompt_len=1)
-    tiny_inputs = _inputs(tiny, 32, 8 if hidden else 0, 1)
-    _run(args.variant, loss_fn, *tiny_inputs, args.beta, args.temperature).backward()
+    tiny_inputs = _inputs(tiny, 32, 1)
+    loss_fn(*tiny_inputs, args.beta, args.temperature).backward()
     del tiny_inputs
 
-    student, head, teacher, labels = _inputs(args, args.vocab, hidden, args.seed)
+    student, teacher, labels = _inputs(args, args.vocab, args.seed)
     baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    loss = _run(args.variant, loss_fn, student, head, teacher, labels, args.beta, args.temperature)
+    loss = loss_fn(student, teacher, labels, args.beta, args.temperature)
     loss.backward()
     seconds = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    grads = {"student": student.grad} if head is None else {"student": student.grad, "head": head.grad}
-    torch.save({"loss": loss.detach(), **grads}, args.out)
+    torch.save({"loss": loss.detach(), "student": student.grad}, args.out)
     print(json.dumps({"extra_peak_mib": (peak_kib - baseline_kib) / 1024, "seconds": seconds}))
 
 
@@ -96,7 +79,7 @@ def measure(args, variant, out_path):
     command = [
         sys.executable, __file__, "--child", variant, "--out", str(out_path),
         "--batch", str(args.batch), "--seq", str(args.seq), "--prompt-len", str(args.prompt_len),
-        "--vocab", str(args.vocab), "--hidden", str(args.hidden),
+        "--vocab", str(args.vocab),
         "--beta", str(args.beta), "--temperature", str(args.temperature), "--seed", str(args.seed),
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -118,12 +101,11 @@ def main():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=32, help="masked positions at the start of each row")
     parser.add_argument("--vocab", type=int, default=150_000)
-    parser.add_argument("--hidden", type=int, default=512, help="hidden size for the *-hidden variants")
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", default="trl,plain,chunked",
-                        help=f"comma-separated subset of {','.join(VARIANTS)} (the *-hidden pair takes ~1 min more)")
+                        help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--child", choices=VARIANTS, dest="variant", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -137,7 +119,7 @@ def main():
     tokens = args.batch * args.seq
     input_mib = tokens * args.vocab * 4 / 2**20
     print(f"B x T = {args.batch} x {args.seq} ({tokens - args.batch * args.prompt_len} unmasked), "
-          f"V = {args.vocab}, H = {args.hidden}, beta = {args.beta}, temperature = {args.temperature}, "
+          f"V = {args.vocab}, beta = {args.beta}, temperature = {args.temperature}, "
           f"fp32; one [B, T, V] fp32 tensor = {input_mib:.0f} MiB")
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
@@ -145,7 +127,7 @@ def main():
             results[variant] = measure(args, variant, Path(tmp) / f"{variant}.pt")
             print(f"{variant:>15}: extra peak {results[variant]['extra_peak_mib']:8.0f} MiB"
                   f"   fwd+bwd {results[variant]['seconds']:6.2f} s")
-        for ours, baseline in (("plain", "trl"), ("chunked", "trl"), ("chunked-hidden", "trl-hidden")):
+        for ours, baseline in (("plain", "trl"), ("chunked", "trl")):
             if ours in results and baseline in results:
                 ratio = results[ours]["extra_peak_mib"] / results[baseline]["extra_peak_mib"]
                 diffs = max_abs_diff(Path(tmp) / f"{ours}.pt", Path(tmp) / f"{baseline}.pt")

@@ -284,22 +284,18 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def chunked_generalized_jsd_loss(
-    student_logits_or_hidden: torch.Tensor,
+    student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
     beta: float = 0.5,
     temperature: float = 1.0,
     reduction: str = "batchmean",
     chunk_size: Optional[int] = None,
-    student_lm_head_weight: Optional[torch.Tensor] = None,
-    student_lm_head_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`generalized_jsd_loss` computed over chunks of unmasked tokens, for training.
 
-    student_logits_or_hidden: [B, T, V] student logits, or [B, T, H] final hidden states when
-    `student_lm_head_weight` [V, H] (and optionally `student_lm_head_bias` [V]) is given; then
-    the student's logits are computed chunk by chunk and never exist as a whole. (Models that
-    transform logits after the head, e.g. soft-capping, need the logits form.)
+    student_logits: [B, T, V]. (train_gkd.py already projects only the completion positions onto the
+    vocabulary, and the teacher's logits must exist there anyway, so no hidden-state variant is kept.)
     teacher_logits: [B, T, V], treated as constants (the teacher is frozen).
 
     Only the N unmasked positions are read, `chunk_size` tokens at a time (default: about
@@ -313,30 +309,11 @@ def chunked_generalized_jsd_loss(
             "teacher_logits requires grad, but the chunked GKD loss treats the teacher as fixed: "
             "compute the teacher under torch.no_grad() or pass teacher_logits.detach()"
         )
-    if student_lm_head_weight is None:
-        if student_lm_head_bias is not None:
-            raise ValueError("student_lm_head_bias was given without student_lm_head_weight")
-        if student_logits_or_hidden.shape != teacher_logits.shape:
-            raise ValueError(
-                f"student logits {tuple(student_logits_or_hidden.shape)} and teacher logits "
-                f"{tuple(teacher_logits.shape)} must have the same [B, T, V] shape"
-            )
-    else:
-        hidden_size = student_logits_or_hidden.shape[-1]
-        if student_logits_or_hidden.shape != (batch_size, seq_len, hidden_size):
-            raise ValueError(
-                f"student hidden states {tuple(student_logits_or_hidden.shape)} must be "
-                f"[B, T, H] with B, T = {batch_size}, {seq_len} from teacher_logits"
-            )
-        if student_lm_head_weight.shape != (vocab_size, hidden_size):
-            raise ValueError(
-                f"student_lm_head_weight {tuple(student_lm_head_weight.shape)} must be [V, H] = "
-                f"{(vocab_size, hidden_size)}"
-            )
-        if student_lm_head_bias is not None and student_lm_head_bias.shape != (vocab_size,):
-            raise ValueError(
-                f"student_lm_head_bias {tuple(student_lm_head_bias.shape)} must be [V] = ({vocab_size},)"
-            )
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same [B, T, V] shape"
+        )
     if chunk_size is None:
         chunk_size = max(1, (1 << 24) // vocab_size)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -345,8 +322,7 @@ def chunked_generalized_jsd_loss(
     token_mask = jsd_token_mask(labels, teacher_logits)  # [B, T]
     batch_index, time_index = token_mask.nonzero(as_tuple=True)  # [N], [N]: unmasked positions
     per_token = _ChunkedGeneralizedJSD.apply(
-        student_logits_or_hidden, student_lm_head_weight, student_lm_head_bias,
-        teacher_logits, batch_index, time_index, float(beta), float(temperature), chunk_size,
+        student_logits, teacher_logits, batch_index, time_index, float(beta), float(temperature), chunk_size,
     )  # [N]
     return reduce_per_token(per_token, token_mask, reduction, vocab_size)
 
@@ -359,16 +335,15 @@ class _ChunkedGeneralizedJSD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, head_weight, head_bias, teacher_logits, batch_index, time_index,
-                beta, temperature, chunk_size):
-        ctx.save_for_backward(student, head_weight, head_bias, teacher_logits, batch_index, time_index)
+    def forward(ctx, student, teacher_logits, batch_index, time_index, beta, temperature, chunk_size):
+        ctx.save_for_backward(student, teacher_logits, batch_index, time_index)
         ctx.beta, ctx.temperature, ctx.chunk_size = beta, temperature, chunk_size
         compute_dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
         per_token = teacher_logits.new_empty(batch_index.shape[0], dtype=compute_dtype)  # [N]
         for chunk in _chunks(batch_index.shape[0], chunk_size):
             position = (batch_index[chunk], time_index[chunk])  # [c], [c]
             per_token[chunk] = _per_token_generalized_jsd(
-                _student_logits_at(student, head_weight, head_bias, position),  # [c, V]
+                student[position],  # [c, V]
                 teacher_logits[position],  # [c, V]
                 beta, temperature,
             )
@@ -377,38 +352,17 @@ class _ChunkedGeneralizedJSD(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_per_token):  # grad_per_token: [N]
-        student, head_weight, head_bias, teacher_logits, batch_index, time_index = ctx.saved_tensors
-        need_student, need_weight, need_bias = ctx.needs_input_grad[:3]
-        # Each student row is written once, so its gradient can live in the input's dtype; the
-        # head's gradients add up over chunks, so they accumulate in at least float32.
-        grad_student = torch.zeros_like(student) if need_student else None  # [B, T, V or H]
-        accumulate_dtype = None if head_weight is None else torch.promote_types(head_weight.dtype, torch.float32)
-        grad_weight = torch.zeros_like(head_weight, dtype=accumulate_dtype) if need_weight else None  # [V, H]
-        grad_bias = torch.zeros_like(head_bias, dtype=accumulate_dtype) if need_bias else None  # [V]
+        student, teacher_logits, batch_index, time_index = ctx.saved_tensors
+        # each student row is written once, so its gradient can live in the input's dtype
+        grad_student = torch.zeros_like(student)  # [B, T, V]
         for chunk in _chunks(batch_index.shape[0], ctx.chunk_size):
             position = (batch_index[chunk], time_index[chunk])  # [c], [c]
             grad_logits = _generalized_jsd_student_logit_grad(
-                _student_logits_at(student, head_weight, head_bias, position),  # [c, V]
-                teacher_logits[position],  # [c, V]
-                ctx.beta, ctx.temperature,
+                student[position], teacher_logits[position], ctx.beta, ctx.temperature,
             )  # [c, V]: d per_token / d student logits
             grad_logits.mul_(grad_per_token[chunk, None].to(grad_logits.dtype))
-            if head_weight is None:
-                if need_student:
-                    grad_student.index_put_(position, grad_logits.to(student.dtype))
-                continue
-            if need_student:
-                grad_hidden = grad_logits.to(head_weight.dtype) @ head_weight  # [c, H]
-                grad_student.index_put_(position, grad_hidden.to(student.dtype))
-            if need_weight:
-                grad_weight.addmm_(grad_logits.t().to(accumulate_dtype), student[position].to(accumulate_dtype))
-            if need_bias:
-                grad_bias.add_(grad_logits.sum(0).to(accumulate_dtype))
-        if need_weight:
-            grad_weight = grad_weight.to(head_weight.dtype)
-        if need_bias:
-            grad_bias = grad_bias.to(head_bias.dtype)
-        return grad_student, grad_weight, grad_bias, None, None, None, None, None, None
+            grad_student.index_put_(position, grad_logits.to(student.dtype))
+        return grad_student, None, None, None, None, None, None
 
 
 def _per_token_generalized_jsd(student_logits, teacher_logits, beta, temperature):
@@ -465,13 +419,6 @@ def _kl(p_logp, q_logp):
 def _chunks(num_tokens, chunk_size):
     """Slices covering range(num_tokens), chunk_size at a time."""
     return [slice(start, start + chunk_size) for start in range(0, num_tokens, chunk_size)]
-
-
-def _student_logits_at(student, head_weight, head_bias, position):
-    """[c, V] student logits at (batch, time) positions, from logits or hidden states + head."""
-    if head_weight is None:
-        return student[position]
-    return F.linear(student[position], head_weight, head_bias)
 
 
 def jsd_token_mask(labels, logits):

@@ -204,24 +204,6 @@ def test_chunked_equals_plain_on_logits(beta, temperature):
             torch.testing.assert_close(chunked_input.grad, plain_input.grad)
 
 
-@pytest.mark.parametrize("beta", (0.0, 0.4, 1.0))
-def test_chunked_equals_plain_on_hidden_states(beta):
-    hidden_size = 6
-    teacher, labels, temperature = _logits(1), _labels(), 0.8
-    hidden = _logits(3, scale=1.0, shape=(B, T, hidden_size)).requires_grad_()
-    head_weight = _logits(4, scale=1.0, shape=(V, hidden_size)).requires_grad_()
-    head_bias = _logits(5, scale=1.0, shape=(V,)).requires_grad_()
-    plain = generalized_jsd_loss(F.linear(hidden, head_weight, head_bias), teacher, labels, beta, temperature)
-    plain_grads = torch.autograd.grad(plain, (hidden, head_weight, head_bias))
-    chunked = chunked_generalized_jsd_loss(
-        hidden, teacher, labels, beta, temperature, chunk_size=2,
-        student_lm_head_weight=head_weight, student_lm_head_bias=head_bias)
-    chunked_grads = torch.autograd.grad(chunked, (hidden, head_weight, head_bias))
-    torch.testing.assert_close(chunked, plain)
-    for chunked_grad, plain_grad in zip(chunked_grads, plain_grads):
-        torch.testing.assert_close(chunked_grad, plain_grad)
-
-
 def test_chunked_gradient_matches_finite_differences():
     labels = _labels()[:, :3]
     teacher = _logits(1, shape=(B, 3, 7))
@@ -278,6 +260,5 @@ def test_bad_loss_arguments_raise():
         chunked_generalized_jsd_loss(student, teacher, chunk_size=0)
     with pytest.raises(ValueError, match="teacher"):
         chunked_generalized_jsd_loss(student, teacher.requires_grad_())
-    with pytest.raises(ValueError, match=r"\[V, H\]"):
-        chunked_generalized_jsd_loss(_logits(3, shape=(B, T, 4)), _logits(1),
-                                     student_lm_head_weight=torch.zeros(V, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="same"):
+        chunked_generalized_jsd_loss(_logits(3, shape=(B, T, 4)), _logits(1))
