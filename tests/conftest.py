@@ -52,7 +52,7 @@ def accelerate_launch(script_args: list[str], num_processes: int = 2, extra_env:
     for attempt in range(2):
         launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
                     "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(free_port())]
-        result = run_python([*launcher, *script_args], env=env, timeout=timeout)
+        result = run_python([*launcher, *retry_args(script_args, attempt)], env=env, timeout=timeout)
         if not aborted_in_transport(result):
             break
     return result
@@ -65,6 +65,14 @@ def aborted_in_transport(result) -> bool:
     return "exitcode: -6" in result.stderr
 
 
+def retry_args(script_args: list[str], attempt: int) -> list[str]:
+    """The second attempt after a transport abort replaces what the first one wrote (a fresh run's output_dir
+    then holds a run); a resumed run is retried as it is."""
+    if attempt == 0 or any(arg.startswith("resume_from_checkpoint=") for arg in script_args):
+        return script_args
+    return [*script_args, "overwrite_output_dir=true"]
+
+
 def deepspeed_launch(script_args: list[str], zero_stage: int, num_processes: int = 2, timeout: int = 600):
     """A real DeepSpeed run on CPU (gloo). Not ACCELERATE_USE_CPU: with it accelerate never selects DeepSpeed."""
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
@@ -73,7 +81,8 @@ def deepspeed_launch(script_args: list[str], zero_stage: int, num_processes: int
         launcher = ["-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", str(zero_stage),
                     "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
                     "--main_process_port", str(free_port())]
-        result = subprocess.run([sys.executable, *launcher, *script_args], cwd=ROOT, env=env, capture_output=True,
+        result = subprocess.run([sys.executable, *launcher, *retry_args(script_args, attempt)], cwd=ROOT, env=env,
+                                capture_output=True,
                                 text=True, timeout=timeout)
         if not aborted_in_transport(result):
             break

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, aborted_in_transport, accelerate_launch, free_port
+from conftest import ROOT, aborted_in_transport, accelerate_launch, free_port, retry_args
 from test_train_grpo import grpo_args
 from test_train_sft import sft_args
 
@@ -30,7 +30,7 @@ def two_machine_launch(script_args: list[str], timeout: int = 600) -> Finished:
         procs = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                                    "--mixed_precision", "no", "--num_machines", "2", "--num_processes", "2",
                                    "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                                   "--main_process_port", str(port), *script_args],
+                                   "--main_process_port", str(port), *retry_args(script_args, attempt)],
                                   cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for rank in (0, 1)]
         outputs = [p.communicate(timeout=timeout) for p in procs]
