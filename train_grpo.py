@@ -107,7 +107,7 @@ class Config(CommonArgs):
     vllm_transfer_address: Optional[str] = None      # this machine as the servers reach it; null: loopback or hostname
     vllm_server_timeout: float = 600                 # seconds per server request
     vllm_server_retries: int = 3                     # retries of a failed request (a weight update is never retried)
-    student_engine: Literal["hf", "server"] = "hf"   # teacher GRPO: the frozen student's backend (hf: generate)
+    student_engine: Literal["hf", "server", "ray"] = "hf"   # teacher GRPO: the frozen student's backend (hf: generate)
     student_vllm_server: Optional[str] = None        # student_engine=server: its vLLM server, "host:port"
     reward_funcs: list[str] = field(default_factory=lambda: ["math_verify"])
     reward_weights: Optional[list[float]] = None
@@ -468,6 +468,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         if inputs.teacher is not None:   # >>> teacher run: the student's engine and the episode loop on the models
             inputs.teacher.connect(accelerator, model, reference, student, engine, inputs.tokenizer,
                                    inputs.reward_functions)
+            student_engine = getattr(inputs.teacher.student, "engine", None)
+            if student_engine is not None and student_engine is not engine:
+                run.close_at_exit(student_engine)
         completed = train(cfg, run, inputs, engine, weights_version, reference, prompts_per_step)
     if completed:
         accelerator.end_training()

@@ -154,7 +154,7 @@ def checkpoint_on_server_failure(accelerator, model, tokenizer, cfg, step: int, 
     from common.vllm_server import ServerError
 
     if not (getattr(cfg, "use_vllm_server", False) or getattr(cfg, "use_ray", False)
-            or getattr(cfg, "student_engine", "hf") == "server"):
+            or getattr(cfg, "student_engine", "hf") in ("server", "ray")):
         yield
         return
     failure = None

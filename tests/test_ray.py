@@ -1,8 +1,8 @@
 """The ray rollout backend on a real local Ray cluster (CPU) with vLLM's CPU build: greedy output through the actor
 equal to transformers', a weight sync that carries a training step and its version, vLLM's own refusal of its Ray
 executor on CPU (ray_tensor_parallelism=2), GRPO end to end with 2 training processes sharing the actor until it is
-killed (the run stops with a checkpoint, the actor named), the install message without Ray, and a dead actor named
-in the error.
+killed (the run stops with a checkpoint, the actor named), a teacher run's student in an actor of its own, the
+install message without Ray, and a dead actor named in the error.
 
 One Ray cluster and one actor engine serve the whole module (each costs seconds); the GRPO run joins the same
 cluster through RAY_ADDRESS, as a cluster job does.
@@ -145,6 +145,22 @@ def test_grpo_with_ray_two_processes_share_the_actor_and_a_dead_actor_stops_the_
     assert saved and saved[-1] >= len(steps), saved   # the weights trained so far
     assert (out / f"checkpoint-{saved[-1]}" / "trainer_state.json").is_file()
     assert f"saved checkpoint-{saved[-1]}" in stderr
+
+
+def test_teacher_run_with_its_student_in_a_ray_actor(cluster, model_dir, tmp_path):
+    """student_engine=ray: the frozen student samples in an actor of its own (never synced), the policy on generate."""
+    from test_vllm_server import TEACHER_RUN
+
+    config = tmp_path / "teacher.yaml"
+    config.write_text(TEACHER_RUN)
+    out = tmp_path / "teacher"
+    result = run_python(["train_grpo.py", "--config", str(config), f"model_name_or_path={model_dir}",
+                         f"output_dir={out}", "use_vllm=false", "student_engine=ray", "max_steps=2"],
+                        env={"RAY_ADDRESS": cluster, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+    assert "Ray actor 'vllm-sampler-" in result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert len(rows) == 2 and all(any(key.startswith("teacher/") for key in row) for row in rows), rows
 
 
 def test_without_ray_installed_use_ray_says_what_to_install(tiny_model_dir, tmp_path):
