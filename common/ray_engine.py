@@ -4,11 +4,11 @@
   `ray start --address ...` on the others), else starts a local one. Process 0 creates the actor (a named actor in
   the `teacher-training` namespace) and tells the other training processes its name and the cluster's address;
   all of them then sample through the one actor, each its own prompts.
-- After every optimizer step every process walks the weights with part 1's packer (`hf_weights`: ZeRO-3 gathers in
-  capped groups, PEFT merged, tied heads named) and process 0 puts them into Ray's object store in buckets of at
-  most `bucket_bytes`; the actor reads them one bucket at a time into vLLM's `reload_weights` and answers with the
-  version it then holds. Every rollout carries the actor's version; one that differs from the trainer's is an
-  error (a stale engine), as is an actor that died (`RayEngineError`, naming the actor).
+- After every optimizer step every process walks the weights with the vllm backend's packer (`hf_weights`: ZeRO-3
+  gathers in capped groups, PEFT merged, tied heads named) and process 0 puts them into Ray's object store in
+  buckets of at most `bucket_bytes`; the actor reads them one bucket at a time into vLLM's `reload_weights` and
+  answers with the version it then holds. Every rollout carries the actor's version; one that differs from the
+  trainer's is an error (a stale engine), as is an actor that died (`RayEngineError`, naming the actor).
 - `tensor_parallel_size > 1` runs vLLM's Ray executor inside the actor (`distributed_executor_backend="ray"`,
   one GPU per worker from a placement group). vLLM refuses that executor on CPU; the refusal comes back as one
   error at engine start.
