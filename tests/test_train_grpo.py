@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import accelerate_launch, run_python
+from conftest import ONE_THREAD, accelerate_launch, run_python, side_by_side
 
 RECIPE = "configs/recipe/quickstart_grpo.yaml"
 
@@ -173,12 +173,13 @@ def test_rollout_batch_maps_rows_to_distinct_prompts_the_same_way_on_every_proce
 
 
 def test_grpo_run_is_the_same_with_and_without_shared_prompts(tiny_model_dir, tmp_path):
+    results = side_by_side(*[lambda share=share: run_python(grpo_args(
+        tiny_model_dir, tmp_path / share, "max_steps=3", "beta=0.04", "num_iterations=2",
+        f"share_prompt_prefix={share}", "max_completion_length=6"), env=ONE_THREAD) for share in ("true", "false")])
     runs = {}
-    for share in ("true", "false"):
-        out = tmp_path / share
-        assert_ok(run_python(grpo_args(tiny_model_dir, out, "max_steps=3", "beta=0.04", "num_iterations=2",
-                                       f"share_prompt_prefix={share}", "max_completion_length=6")))
-        runs[share] = [r for r in metrics(out) if "loss" in r]
+    for share, result in zip(("true", "false"), results):
+        assert_ok(result)
+        runs[share] = [r for r in metrics(tmp_path / share) if "loss" in r]
     assert len(runs["true"]) == 3
     for shared, full in zip(runs["true"], runs["false"]):
         assert shared.get("reward") == full.get("reward")       # the same rollouts
