@@ -250,27 +250,45 @@ def other_vocabulary_model_dir(tmp_path_factory) -> Path:
         make_tiny_model.CHARACTERS = original
 
 
-@pytest.mark.parametrize("case", ["missing_teacher", "vocabulary", "lmbda", "beta", "chat_last_turn"])
-def test_bad_input_fails_before_anything_is_written(case, tiny_model_dir, other_vocabulary_model_dir, tmp_path):
-    teacher, extra = tiny_model_dir, []
-    if case == "missing_teacher":
-        teacher, message = tmp_path / "no_teacher_here", r"teacher_model_name_or_path.*no such local model directory"
-    elif case == "vocabulary":
-        teacher, message = other_vocabulary_model_dir, r"student tokenizer .* and the teacher tokenizer .* differ"
-    elif case == "lmbda":
-        extra, message = ["lmbda=1.5"], r"`lmbda` must be a number in \[0, 1\], got 1.5"
-    elif case == "beta":
-        extra, message = ["beta=-0.1"], r"`beta` must be a number in \[0, 1\], got -0.1"
-    else:
-        data = tmp_path / "chat.jsonl"
-        data.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1="},
-                                                 {"role": "assistant", "content": "2"}]}) + "\n"
-                        + json.dumps({"messages": [{"role": "user", "content": "2+2="}]}) + "\n")
-        extra = [f"dataset_id_or_path={data}", "make_dataset_fn={}"]
-        message = r"chat.jsonl:2: the last message must be the assistant's"
-    out = tmp_path / "never"
-    result = run_python(gkd_args(tiny_model_dir, teacher, out, *extra), env=ONE_THREAD)
+BAD_INPUT = {
+    "missing_teacher": r"teacher_model_name_or_path.*no such local model directory",
+    "vocabulary": r"student tokenizer .* and the teacher tokenizer .* differ",
+    "lmbda": r"`lmbda` must be a number in \[0, 1\], got 1.5",
+    "beta": r"`beta` must be a number in \[0, 1\], got -0.1",
+    "chat_last_turn": r"chat.jsonl:2: the last message must be the assistant's",
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny_model_dir, other_vocabulary_model_dir, tmp_path_factory) -> dict:
+    """One run per BAD_INPUT case, side by side: case -> (output_dir, result)."""
+    root = tmp_path_factory.mktemp("gkd_bad_input")
+    launches = {}
+    for case in BAD_INPUT:
+        teacher, extra = tiny_model_dir, []
+        if case == "missing_teacher":
+            teacher = root / "no_teacher_here"
+        elif case == "vocabulary":
+            teacher = other_vocabulary_model_dir
+        elif case == "lmbda":
+            extra = ["lmbda=1.5"]
+        elif case == "beta":
+            extra = ["beta=-0.1"]
+        else:
+            data = root / "chat.jsonl"
+            data.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1="},
+                                                     {"role": "assistant", "content": "2"}]}) + "\n"
+                            + json.dumps({"messages": [{"role": "user", "content": "2+2="}]}) + "\n")
+            extra = [f"dataset_id_or_path={data}", "make_dataset_fn={}"]
+        launches[case] = gkd_args(tiny_model_dir, teacher, root / f"never_{case}", *extra)
+    results = side_by_side(*[lambda args=args: run_python(args, env=ONE_THREAD) for args in launches.values()])
+    return {case: (root / f"never_{case}", result) for case, result in zip(launches, results)}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_fails_before_anything_is_written(case, bad_input_runs):
+    out, result = bad_input_runs[case]
     assert result.returncode != 0
-    assert re.search(message, result.stderr), result.stderr[-2000:]
+    assert re.search(BAD_INPUT[case], result.stderr), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not out.exists()
