@@ -92,7 +92,7 @@ def test_grpo_two_processes_with_reference_and_dapo(tiny_model_dir, tmp_path):
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
 
 
-@pytest.mark.parametrize("extra,message", [
+BAD_INPUT = [
     (["reward_funcs=[acuracy]"], r"unknown \['acuracy'\]; available: .*arithmetic"),
     (["num_generations=1"], "needs >= 2 completions"),
     (["num_generations=5"], "does not divide train_batch_size"),
@@ -103,10 +103,22 @@ def test_grpo_two_processes_with_reference_and_dapo(tiny_model_dir, tmp_path):
     (["use_vllm=true", "vllm_tensor_parallel_size=3"], "vllm_tensor_parallel_size' = 3: expected a divisor"),
     (["beta=0.1", "ref_model_name_or_path=./no/such/ref"], "needs a reference model"),
     (["max_prompt_length=4", "prompt_overflow=error"], "exceed max_prompt_length=4"),
-])
-def test_bad_input_fails_before_models_load(tiny_model_dir, tmp_path, extra, message):
-    out = tmp_path / "never"
-    result = run_python(grpo_args(tiny_model_dir, out, *extra))
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny_model_dir, tmp_path_factory) -> dict:
+    """One run per BAD_INPUT case, side by side: the case's overrides (a tuple) -> (output_dir, result)."""
+    root = tmp_path_factory.mktemp("grpo_bad_input")
+    outs = {tuple(extra): root / f"never_{i}" for i, (extra, _) in enumerate(BAD_INPUT)}
+    results = side_by_side(*[lambda extra=extra, out=out: run_python(grpo_args(tiny_model_dir, out, *extra),
+                                                                     env=ONE_THREAD) for extra, out in outs.items()])
+    return {extra: (out, result) for (extra, out), result in zip(outs.items(), results)}
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUT)
+def test_bad_input_fails_before_models_load(bad_input_runs, extra, message):
+    out, result = bad_input_runs[tuple(extra)]
     assert result.returncode == 2, result.stderr[-3000:]
     assert re.search(message, result.stderr), result.stderr[-3000:]
     assert "Traceback" not in result.stderr

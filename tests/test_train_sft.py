@@ -114,14 +114,26 @@ def test_two_process_cpu_run_matches_one_process(tiny_model_dir, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-@pytest.mark.parametrize("extra,message", [
+BAD_CONFIG = [
     (["learnig_rate=1e-3"], "unknown key 'learnig_rate'.*did you mean 'learning_rate'"),
     (["train_batch_size=10", "per_device_train_batch_size=4", "gradient_accumulation_steps=null"], "not divisible"),
     (["load_in_4bit=true"], "load_in_4bit"),
-])
-def test_bad_config_fails_before_anything_is_written(tiny_model_dir, tmp_path, extra, message):
-    out = tmp_path / "never"
-    result = run_python(sft_args(tiny_model_dir, out, *extra))
+]
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(tiny_model_dir, tmp_path_factory) -> dict:
+    """One run per BAD_CONFIG case, side by side: the case's overrides (a tuple) -> (output_dir, result)."""
+    root = tmp_path_factory.mktemp("sft_bad_config")
+    outs = {tuple(extra): root / f"never_{i}" for i, (extra, _) in enumerate(BAD_CONFIG)}
+    results = side_by_side(*[lambda extra=extra, out=out: run_python(sft_args(tiny_model_dir, out, *extra),
+                                                                     env=ONE_THREAD) for extra, out in outs.items()])
+    return {extra: (out, result) for (extra, out), result in zip(outs.items(), results)}
+
+
+@pytest.mark.parametrize("extra,message", BAD_CONFIG)
+def test_bad_config_fails_before_anything_is_written(bad_config_runs, extra, message):
+    out, result = bad_config_runs[tuple(extra)]
     assert result.returncode != 0
     assert __import__("re").search(message, result.stderr), result.stderr[-2000:]
     assert not out.exists()
