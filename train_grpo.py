@@ -20,7 +20,9 @@ Choices this script makes:
 - Rollouts come from vLLM inside each training process (`use_vllm`, common/vllm_engine.py; weights synced after
   every optimizer step, each rollout tagged with the step whose weights sampled it), from vLLM's own server(s)
   (`use_vllm_server`, common/vllm_server.py: weights pushed through its RL endpoints after every optimizer step,
-  the version each server holds checked) or from transformers `generate` on the policy itself (`use_vllm=false`).
+  the version each server holds checked), from the vLLM engine in a Ray actor shared by the processes (`use_ray`,
+  common/ray_engine.py: weights through Ray's object store) or from transformers `generate` on the policy itself
+  (`use_vllm=false`).
   `rollout/logprob_diff_*` compare the engine's sampling logprobs with the trainer's own at the same temperature.
 - `share_prompt_prefix`: each distinct prompt of a micro-batch runs once, its KV cache serving its G completions.
 - `logprobs_from_hidden`: the lm_head returns the completion tokens' logprobs, so [B, C, V] logits never exist whole.
@@ -89,8 +91,8 @@ class Config(CommonArgs):
     vllm_gpu_memory_utilization: float = 0.9
     vllm_dtype: str = "auto"
     vllm_max_model_len: Optional[int] = None
-    use_ray: bool = False
-    ray_tensor_parallelism: int = 1
+    use_ray: bool = False                            # the vLLM engine (use_vllm) in a Ray actor (common/ray_engine.py)
+    ray_tensor_parallelism: int = 1                  # use_ray: the actor's engine over N GPUs (vLLM's Ray executor)
     enable_prefix_caching: bool = False
     enforce_eager: bool = True
     vllm_tensor_parallel_size: int = 1               # processes sharing one engine (must divide the process count)
@@ -105,7 +107,7 @@ class Config(CommonArgs):
     vllm_transfer_address: Optional[str] = None      # this machine as the servers reach it; null: loopback or hostname
     vllm_server_timeout: float = 600                 # seconds per server request
     vllm_server_retries: int = 3                     # retries of a failed request (a weight update is never retried)
-    student_engine: Literal["hf", "server"] = "hf"   # teacher GRPO: the frozen student's backend (hf: generate)
+    student_engine: Literal["hf", "server", "ray"] = "hf"   # teacher GRPO: the frozen student's backend (hf: generate)
     student_vllm_server: Optional[str] = None        # student_engine=server: its vLLM server, "host:port"
     reward_funcs: list[str] = field(default_factory=lambda: ["math_verify"])
     reward_weights: Optional[list[float]] = None
@@ -197,6 +199,9 @@ class Config(CommonArgs):
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"key 'reward_weights' has {len(self.reward_weights)} entries for "
                               f"{len(self.reward_funcs)} reward_funcs")
+        if self.use_ray:
+            from common.ray_engine import check_ray_config
+            check_ray_config(self)
         if self.use_vllm_server:
             from common.vllm_server import check_server_config
             check_server_config(self)
@@ -421,14 +426,16 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     # ----- data and rewards (before models: bad input fails fast) ----------------------------------------------------
     with fail_fast():
-        if cfg.use_ray:   # checked here, not in validate(), so --print-config resolves it
-            raise ConfigError("use_ray: engines as Ray actors are not available yet; set use_ray=false "
-                              "(use_vllm_server=true runs vLLM's own server, use_vllm=true vLLM in the training "
-                              "processes)")
         if cfg.use_vllm_server:   # a server that is down stops the run here, named, before any model loads
             from common.vllm_server import check_servers_up, parse_servers
             check_servers_up(parse_servers(cfg.vllm_host, cfg.vllm_port, cfg.vllm_servers), "vllm_host")
         inputs = load_inputs(cfg, prompts_per_step)
+        # the actor's engine starts before any model loads: one that cannot start (vLLM refuses its Ray executor on
+        # CPU) is one error line, nothing written
+        ray_engine = None
+        if cfg.use_ray:
+            from common.ray_engine import ray_options
+            ray_engine = make_engine("ray", **ray_options(cfg, inputs.tokenizer, accelerator, use_bf16))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(
         1, math.ceil(len(inputs.train_examples) // prompts_per_step * cfg.num_train_epochs) * cfg.num_iterations)
     claimed = claim_output_dir(cfg, resume_path, accelerator.is_main_process)   # locked until the run ends
@@ -444,7 +451,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         student = prepare_frozen_model(accelerator, student) if student is not None else None
         if run.resume_path is not None and reference is not None and cfg.sync_ref_model:
             load_synced_reference(cfg, accelerator, reference, run.resume_path, use_bf16)
-        if cfg.use_vllm_server:   # vLLM's own server(s), synced with the training weights (resumed ones too)
+        if ray_engine is not None:   # the vLLM engine in a Ray actor, synced with the training weights
+            engine = ray_engine
+        elif cfg.use_vllm_server:   # vLLM's own server(s), synced with the training weights (resumed ones too)
             from common.vllm_server import server_options
             engine = make_engine("server", **server_options(cfg, inputs.tokenizer, accelerator))
         elif cfg.use_vllm:   # loaded from the policy's path, then synced with the training weights (resumed ones too)
@@ -459,6 +468,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         if inputs.teacher is not None:   # >>> teacher run: the student's engine and the episode loop on the models
             inputs.teacher.connect(accelerator, model, reference, student, engine, inputs.tokenizer,
                                    inputs.reward_functions)
+            student_engine = getattr(inputs.teacher.student, "engine", None)
+            if student_engine is not None and student_engine is not engine:
+                run.close_at_exit(student_engine)
         completed = train(cfg, run, inputs, engine, weights_version, reference, prompts_per_step)
     if completed:
         accelerator.end_training()
@@ -568,7 +580,7 @@ def train(cfg, run, inputs: Inputs, engine, weights_version: int, reference, pro
                                           {"generation_round": step // cfg.num_iterations}):
             weights_version = engine.sync_weights(model, version=step)   # the next rollouts sample these weights
         metrics["time/weight_sync"] = time.time() - sync_start
-        if cfg.use_vllm_server:   # the packer's figures: buckets, megabytes, GB/s
+        if cfg.use_vllm_server or cfg.use_ray:   # the packer's figures: buckets, megabytes, GB/s
             metrics.update(engine.sync_metrics())
         if reference is not None and cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
             sync_reference(accelerator, model, reference, cfg.ref_model_mixup_alpha)

@@ -147,12 +147,14 @@ def finite_sampling(accelerator, step: int, model):
 @contextlib.contextmanager
 def checkpoint_on_server_failure(accelerator, model, tokenizer, cfg, step: int, state: dict,
                                  extra_models: Optional[dict] = None):
-    """A vLLM server down or dead inside the block (`ServerError`, on any process): every process saves
-    checkpoint-`step` (the weights the block started from) and the run stops with the error, host and port named.
-    Without a server backend the block runs as is."""
+    """A vLLM server or the engine's Ray actor down or dead inside the block (`ServerError`; `RayEngineError` is
+    one), on any process: every process saves checkpoint-`step` (the weights the block started from) and the run
+    stops with the error, the server's host and port or the actor named. Without a server or Ray backend the block
+    runs as is."""
     from common.vllm_server import ServerError
 
-    if not (getattr(cfg, "use_vllm_server", False) or getattr(cfg, "student_engine", "hf") == "server"):
+    if not (getattr(cfg, "use_vllm_server", False) or getattr(cfg, "use_ray", False)
+            or getattr(cfg, "student_engine", "hf") in ("server", "ray")):
         yield
         return
     failure = None
@@ -169,7 +171,8 @@ def checkpoint_on_server_failure(accelerator, model, tokenizer, cfg, step: int, 
         if step > 0:
             save_checkpoint(accelerator, model, tokenizer, cfg.output_dir, step, checkpoint_state(cfg, state),
                             cfg.save_total_limit, extra_models=extra_models)
-        where = f"saved checkpoint-{step}; resume with resume_from_checkpoint=true once the server is back" \
+        back = "the Ray cluster" if getattr(cfg, "use_ray", False) else "the server"
+        where = f"saved checkpoint-{step}; resume with resume_from_checkpoint=true once {back} is back" \
             if step > 0 else "nothing trained yet, no checkpoint"
         raise ServerError(f"{failure or 'a vLLM server failed on another process'} ({where})") from failure
 

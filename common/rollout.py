@@ -8,6 +8,8 @@ Backends (`make_engine(kind)`):
   vllm    vLLM's `LLM` in the training processes (`common.vllm_engine.VLLMEngine`, imported only when chosen)
   server  vLLM's own OpenAI-compatible server over HTTP, weights pushed through its RL endpoints
           (`common.vllm_server.VLLMServerEngine`)
+  ray     the vllm backend's engine inside a Ray actor shared by the training processes, weights pushed
+          through Ray's object store (`common.ray_engine.RayEngine`)
 
 An engine is either the policy's (synced after every optimizer step: `sync_weights`) or a frozen sampler built
 from a model path and never synced (the teacher-GRPO student, GKD's teacher with seq_kd); the backend of each
@@ -29,7 +31,7 @@ from common.logprobs import cache_argument, repeat_cache_rows, returned_cache
 from common.models import eval_mode
 
 FinishReason = Literal["stop", "length"]
-ENGINE_KINDS = ("hf", "vllm", "server")
+ENGINE_KINDS = ("hf", "vllm", "server", "ray")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,10 +375,13 @@ class HFGenerateEngine:
 # ---------------------------------------------------------------------------------------------
 # Backend choice
 # ---------------------------------------------------------------------------------------------
-def engine_kind(use_vllm: bool, use_vllm_server: bool) -> str:
-    """The backend the config keys `use_vllm` / `use_vllm_server` ask for."""
+def engine_kind(use_vllm: bool, use_vllm_server: bool, use_ray: bool = False) -> str:
+    """The backend the config keys `use_vllm` / `use_vllm_server` / `use_ray` ask for (use_ray: the vllm engine
+    in a Ray actor; the config refuses it with use_vllm_server)."""
     if use_vllm_server:
         return "server"
+    if use_ray:
+        return "ray"
     return "vllm" if use_vllm else "hf"
 
 
@@ -390,6 +395,8 @@ def make_engine(kind: str, **kwargs) -> RolloutEngine:
     "server" -> VLLMServerEngine(servers=[(host, port)], tokenizer=, accelerator=, sync=, ...)
               (common/vllm_server.py): vLLM servers; the policy's (sync=True) gets its weights pushed after every
               optimizer step, a frozen sampler's never. `server_options(cfg, tokenizer, accelerator)` gives them.
+    "ray"  -> RayEngine(model_path=, tokenizer=, accelerator=, tensor_parallel_size=, ...) (common/ray_engine.py):
+              a VLLMEngine in a Ray actor; `ray_options(cfg, tokenizer, accelerator, use_bf16)` gives them.
     """
     if kind == "hf":
         return HFGenerateEngine(**kwargs)
@@ -399,6 +406,9 @@ def make_engine(kind: str, **kwargs) -> RolloutEngine:
     if kind == "server":
         from common.vllm_server import VLLMServerEngine
         return VLLMServerEngine(**kwargs)
+    if kind == "ray":
+        from common.ray_engine import RayEngine
+        return RayEngine(**kwargs)
     raise ValueError(f"unknown rollout engine kind {kind!r}; expected one of {', '.join(ENGINE_KINDS)}")
 
 

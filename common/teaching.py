@@ -574,6 +574,14 @@ class TeacherRun:
                 raise ValueError(f"key 'student_vllm_server' = {cfg.student_vllm_server!r}: student_engine=server "
                                  f"needs the student's vLLM server as host:port") from None
             check_servers_up(servers, "student_vllm_server")
+        if getattr(cfg, "student_engine", "hf") == "ray":
+            import importlib.util
+            if is_api_student(cfg.student_model):
+                raise ValueError("key 'student_engine' = ray: the student is an API model (student_model = "
+                                 f"{cfg.student_model!r}); set student_engine=hf or a local student_model")
+            if importlib.util.find_spec("ray") is None:
+                raise ValueError("key 'student_engine' = ray needs Ray: `pip install ray==2.60.0` "
+                                 "(requirements-dev.txt pins it); or set student_engine=hf")
         for name, function in reward_functions:
             if name in ("teaching_improvement", "rlt", "math_verify", "arithmetic", "exact_match"):
                 if all(e.ground_truth is None for e in train_examples):
@@ -614,6 +622,14 @@ class TeacherRun:
                                              tokenizer=self.student_tokenizer, accelerator=accelerator, sync=False,
                                              timeout_s=cfg.vllm_server_timeout, retries=cfg.vllm_server_retries)
                 adapter_off = None   # the server holds the student's weights itself
+            elif getattr(cfg, "student_engine", "hf") == "ray":   # vLLM in a Ray actor of its own, never synced
+                from common.ray_engine import ray_options
+                student_engine = make_engine("ray", **{
+                    **ray_options(cfg, self.student_tokenizer, accelerator),
+                    # the model the hf student would be: its own, else the reference's initial weights
+                    "model_path": cfg.student_model or cfg.ref_model_name_or_path or cfg.model_name_or_path,
+                    "sync": False})
+                adapter_off = None   # the actor loaded the student's weights itself
             else:
                 student_engine = make_engine("hf", model=frozen, tokenizer=self.student_tokenizer,
                                              accelerator=accelerator, batch_size=cfg.generation_batch_size,

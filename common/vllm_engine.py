@@ -70,7 +70,8 @@ class VLLMEngine:
     student, GKD's teacher with seq_kd) is the same class, never synced. With several processes every process
     must build the engine, call generate() and sync_weights() together. `stop_token_ids` defaults to the
     tokenizer's EOS and is the only stop condition, as in the hf backend. With a seed, data-parallel rank k samples
-    with seed + k. `sync_group_bytes` caps one gathered group of weights under ZeRO-3.
+    with seed + k. `sync_group_bytes` caps one gathered group of weights under ZeRO-3. `distributed_executor_backend`
+    (e.g. "ray", inside a Ray actor: common/ray_engine.py) gives the engine its own tensor-parallel workers.
     """
 
     def __init__(self, model_path: str, tokenizer, accelerator=None, *, dtype: str = "auto",
@@ -78,7 +79,8 @@ class VLLMEngine:
                  enable_prefix_caching: bool = False, enforce_eager: bool = True, tensor_parallel_size: int = 1,
                  enable_sleep_mode: bool = False, device: str = "auto", seed: int = 0,
                  stop_token_ids: Optional[Sequence[int]] = None, sync_group_bytes: int = 256 * 2 ** 20,
-                 use_bf16: bool = False, trust_remote_code: bool = False) -> None:
+                 use_bf16: bool = False, trust_remote_code: bool = False,
+                 distributed_executor_backend: Optional[str] = None) -> None:
         if stop_token_ids is None:
             if tokenizer.eos_token_id is None:
                 raise ValueError("VLLMEngine: the tokenizer has no eos token; set tokenizer.eos_token or pass "
@@ -86,7 +88,10 @@ class VLLMEngine:
             stop_token_ids = [tokenizer.eos_token_id]
         world = accelerator.num_processes if accelerator is not None else 1
         rank = accelerator.process_index if accelerator is not None else 0
-        if tensor_parallel_size < 1 or world % tensor_parallel_size:
+        # with an executor of its own (Ray's, in a Ray actor) the engine's tensor-parallel workers are not the
+        # training processes: it serves this process alone
+        process_group = tensor_parallel_size if distributed_executor_backend is None else 1
+        if tensor_parallel_size < 1 or world % process_group:
             raise ValueError(f"vllm_tensor_parallel_size={tensor_parallel_size} must be >= 1 and divide the "
                              f"{world} processes")
         if device != "auto" and (accelerator is None or torch.device(device) != accelerator.device):
@@ -107,9 +112,9 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.accelerator = accelerator
         self.stop_token_ids = list(stop_token_ids)
-        self.tensor_parallel_size = tensor_parallel_size
+        self.tensor_parallel_size = process_group
         self.rank, self.world = rank, world
-        self.dp_rank = rank // tensor_parallel_size
+        self.dp_rank = rank // process_group
         self.sync_group_bytes = sync_group_bytes
         self.sleep_mode = enable_sleep_mode
         self.weights_version = 0
@@ -121,7 +126,9 @@ class VLLMEngine:
                       trust_remote_code=trust_remote_code,
                       logprobs_mode="processed_logprobs",  # logprobs of the distribution tokens are drawn from
                       skip_tokenizer_init=True)             # token ids in and out; the trainer's tokenizer decodes
-        if world > 1:
+        if distributed_executor_backend is not None:
+            kwargs["distributed_executor_backend"] = distributed_executor_backend
+        elif world > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"   # reuses this torch.distributed group
         started = time.time()
         with _own_random_state():
@@ -192,12 +199,17 @@ class VLLMEngine:
         weights version (`version`, or the previous one + 1), which the following rollouts carry."""
         started = time.time()
         stats = {"groups": 0, "tensors": 0, "bytes": 0}
+        self.load_weights(hf_weights(model, self.accelerator, self.sync_group_bytes, stats), version)
+        self.last_sync = {**stats, "seconds": time.time() - started}
+        return self.weights_version
+
+    def load_weights(self, weights, version: Optional[int] = None) -> int:
+        """Replace the engine's weights with `weights` ((Hugging Face name, full tensor) pairs, every weight of the
+        model, an iterator or a list); returns the new weights version (`version`, or the previous one + 1)."""
         self._wake(tags=["weights"])
-        weights = hf_weights(model, self.accelerator, self.sync_group_bytes, stats)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()   # cached prompt keys/values came from the old weights
         self.weights_version = self.weights_version + 1 if version is None else version
-        self.last_sync = {**stats, "seconds": time.time() - started}
         return self.weights_version
 
     def close(self) -> None:

@@ -246,6 +246,7 @@ def test_make_engine_builds_hf_and_refuses_unknown_backends(model, tokenizer):
     with pytest.raises(ValueError, match="hf, vllm, server"):
         make_engine("sglang")
     assert [engine_kind(False, False), engine_kind(True, False), engine_kind(True, True)] == ["hf", "vllm", "server"]
+    assert engine_kind(True, False, use_ray=True) == "ray"
 
 
 # ---------------------------------------------------------------------------------------------
