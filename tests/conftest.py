@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,17 @@ def run_python(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeo
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def side_by_side(*launches):
+    """Independent launches (argument-less callables such as `lambda: run_python([...])`) run at the same time; their
+    results in order. A launch is mostly single-threaded start-up (imports, model load), so two overlap on 2 cores;
+    give each one thread (ONE_THREAD): several multi-threaded processes on 2 cores slow each other down badly."""
+    with ThreadPoolExecutor(len(launches)) as pool:
+        return [future.result() for future in [pool.submit(launch) for launch in launches]]
 
 
 def accelerate_launch(script_args: list[str], num_processes: int = 2, extra_env: dict | None = None,

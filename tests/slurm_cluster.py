@@ -94,6 +94,8 @@ class SlurmCluster:
             "KillWait=5",
             "SlurmdParameters=config_overrides",  # trust the CPU count below: jobs of a test share the cores
             "MinJobAge=600",  # finished jobs stay visible to `scontrol show job`
+            # a requeued job is started once its cred_expire hold ends, not at the next 60 s / 30 s scheduler pass
+            "SchedulerParameters=sched_interval=1,bf_interval=1",
             f"NodeName={self.host} CPUs={self.cpus} State=UNKNOWN",
             f"PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
             "",

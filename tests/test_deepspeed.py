@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import deepspeed_launch
+from conftest import deepspeed_launch, side_by_side
 
 
 def assert_ok(result):
@@ -39,15 +39,17 @@ def test_sft_zero3_trains_and_saves_full_weights(tiny_model_dir, tmp_path):
 def test_grpo_zero3_with_sharded_reference(tiny_model_dir, tmp_path):
     """ZeRO-3 with a sharded reference; the lm_head-logprob path (gathered weight inside lm_head's forward)
     gives the same losses as the logits path."""
-    runs = {}
-    for from_hidden in ("true", "false"):
-        out = tmp_path / f"grpo_{from_hidden}"
-        result = deepspeed_launch(
+    def launch(from_hidden: str):
+        return deepspeed_launch(
             ["train_grpo.py", "--config", "configs/recipe/quickstart_grpo.yaml", f"model_name_or_path={tiny_model_dir}",
-             f"output_dir={out}", "make_dataset_fn.num_samples=200", "max_steps=2", "train_batch_size=32",
-             "per_device_train_batch_size=8", "num_generations=8", "beta=0.04", "max_completion_length=6",
-             "eval_on_start=false", "do_eval=false", "logging_steps=1", f"logprobs_from_hidden={from_hidden}"],
-            zero_stage=3)
+             f"output_dir={tmp_path / f'grpo_{from_hidden}'}", "make_dataset_fn.num_samples=200", "max_steps=2",
+             "train_batch_size=32", "per_device_train_batch_size=8", "num_generations=8", "beta=0.04",
+             "max_completion_length=6", "eval_on_start=false", "do_eval=false", "logging_steps=1",
+             f"logprobs_from_hidden={from_hidden}"], zero_stage=3)
+
+    runs = {}
+    for from_hidden, result in zip(("true", "false"), side_by_side(lambda: launch("true"), lambda: launch("false"))):
+        out = tmp_path / f"grpo_{from_hidden}"
         assert_ok(result)
         assert "logprobs_from_hidden:" not in result.stderr   # the first-batch check passed on both models
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

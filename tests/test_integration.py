@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_python
+from conftest import ONE_THREAD, run_python, side_by_side
 from openai_stub_server import OpenAIStubServer, StubReply
 from test_traces import _atlas_store
 
@@ -49,17 +49,47 @@ def judge_overrides(server, *extra: str) -> str:
     return "teacher_reward.overrides=" + json.dumps(items)
 
 
-def test_grpo_on_runtime_traces_with_judges_that_fail_30_percent(tiny_model_dir, sdk_export, tmp_path):
-    out = tmp_path / "traces_grpo"
-    with OpenAIStubServer(reply=judge_verdict) as server:
-        result = run_python([
+RIM_RECIPE = ("defaults:\n  - model: tiny\n  - data: arithmetic_rl\n  - trainer: grpo\n"
+              "  - reward: interpretation_teaching\nreward_funcs: [rim]\nuse_vllm: false\n")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, sdk_export, tmp_path_factory) -> dict:
+    """The three runs below side by side, each GRPO run against its own judge stub server; every test reads its own:
+    name -> (output_dir, result, requests its server saw)."""
+    root = tmp_path_factory.mktemp("integration")
+    recipe = root / "rim.yaml"
+    recipe.write_text(RIM_RECIPE)
+    with OpenAIStubServer(reply=judge_verdict) as traces_server, OpenAIStubServer(reply=judge_verdict) as rim_server:
+        traces_grpo = [
             "train_grpo.py", "--config", "configs/recipe/traces_grpo.yaml", f"dataset_path={sdk_export}",
-            f"model_name_or_path={tiny_model_dir}", f"output_dir={out}", judge_overrides(server),
+            f"model_name_or_path={tiny_model_dir}", f"output_dir={root / 'traces_grpo'}", judge_overrides(traces_server),
             "attn_implementation=sdpa", "torch_dtype=float32", "bf16=false", "gradient_checkpointing=false",
             "train_batch_size=16", "per_device_train_batch_size=8", "num_generations=8", "max_steps=2",
-            "max_completion_length=12", "eval_split_ratio=0", "do_eval=false", "save_steps=0", "logging_steps=1"])
-        assert_ok(result)
-        assert server.requests, "the judges were never called"
+            "max_completion_length=12", "eval_split_ratio=0", "do_eval=false", "save_steps=0", "logging_steps=1"]
+        rim = [
+            "train_grpo.py", "--config", str(recipe), f"model_name_or_path={tiny_model_dir}", f"output_dir={root / 'rim'}",
+            judge_overrides(rim_server, "parallel_execution.client_processes=2"), "teacher_reward.completion_as=answer",
+            "make_dataset_fn.num_samples=64", "train_batch_size=16", "per_device_train_batch_size=16", "max_steps=2",
+            "max_completion_length=6", "beta=0", "do_eval=false", "save_steps=0", "bf16=false",
+            "gradient_checkpointing=false"]
+        traces_sft = [
+            "train_sft.py", "--config", "configs/recipe/traces_sft.yaml", f"dataset_path={sdk_export}",
+            f"model_name_or_path={tiny_model_dir}", f"output_dir={root / 'traces_sft'}", "attn_implementation=sdpa",
+            "torch_dtype=float32", "bf16=false", "gradient_checkpointing=false", "train_batch_size=4",
+            "per_device_train_batch_size=4", "max_steps=8", "num_train_epochs=1", "max_seq_length=2048",
+            "learning_rate=3e-3", "eval_split_ratio=0", "do_eval=false", "save_steps=0", "logging_steps=1"]
+        results = side_by_side(*[lambda args=args: run_python(args, env=ONE_THREAD)
+                                 for args in (traces_grpo, rim, traces_sft)])
+        requests = {"traces_grpo": list(traces_server.requests), "rim": list(rim_server.requests), "traces_sft": []}
+    return {name: (root / name, result, requests[name])
+            for name, result in zip(("traces_grpo", "rim", "traces_sft"), results)}
+
+
+def test_grpo_on_runtime_traces_with_judges_that_fail_30_percent(runs, sdk_export):
+    out, result, requests = runs["traces_grpo"]
+    assert_ok(result)
+    assert requests, "the judges were never called"
     rows = [r for r in metrics(out) if "reward" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["judge/calls"] > 0 for r in rows)
@@ -69,32 +99,18 @@ def test_grpo_on_runtime_traces_with_judges_that_fail_30_percent(tiny_model_dir,
     assert "dataset_path" in saved and str(sdk_export) in saved
 
 
-def test_grpo_plain_rim_reward_on_arithmetic(tiny_model_dir, tmp_path):
+def test_grpo_plain_rim_reward_on_arithmetic(runs):
     """`reward_funcs=[rim]` with the reward preset: plain GRPO trains from judge scores, litellm in 2 client processes."""
-    out = tmp_path / "rim"
-    recipe = tmp_path / "rim.yaml"
-    recipe.write_text("defaults:\n  - model: tiny\n  - data: arithmetic_rl\n  - trainer: grpo\n"
-                      "  - reward: interpretation_teaching\nreward_funcs: [rim]\nuse_vllm: false\n")
-    with OpenAIStubServer(reply=judge_verdict) as server:
-        assert_ok(run_python([
-            "train_grpo.py", "--config", str(recipe), f"model_name_or_path={tiny_model_dir}", f"output_dir={out}",
-            judge_overrides(server, "parallel_execution.client_processes=2"), "teacher_reward.completion_as=answer", "make_dataset_fn.num_samples=64",
-            "train_batch_size=16", "per_device_train_batch_size=16", "max_steps=2", "max_completion_length=6",
-            "beta=0", "do_eval=false", "save_steps=0", "bf16=false", "gradient_checkpointing=false"]))
-        assert server.requests, "the judges were never called"
+    out, result, requests = runs["rim"]
+    assert_ok(result)
+    assert requests, "the judges were never called"
     rows = [r for r in metrics(out) if "reward" in r]
     assert len(rows) == 2 and "judge/latency_p50" in rows[0] and "judge/cost_usd" in rows[0]
     assert sum(r["judge/failures"] + r["judge/retries"] for r in rows) > 0
 
 
-def test_sft_on_runtime_traces_learns_the_teachers_guidance(tiny_model_dir, sdk_export, tmp_path):
-    out = tmp_path / "traces_sft"
-    result = run_python([
-        "train_sft.py", "--config", "configs/recipe/traces_sft.yaml", f"dataset_path={sdk_export}",
-        f"model_name_or_path={tiny_model_dir}", f"output_dir={out}", "attn_implementation=sdpa",
-        "torch_dtype=float32", "bf16=false", "gradient_checkpointing=false", "train_batch_size=4",
-        "per_device_train_batch_size=4", "max_steps=8", "num_train_epochs=1", "max_seq_length=2048",
-        "learning_rate=3e-3", "eval_split_ratio=0", "do_eval=false", "save_steps=0", "logging_steps=1"])
+def test_sft_on_runtime_traces_learns_the_teachers_guidance(runs):
+    out, result, _ = runs["traces_sft"]
     assert_ok(result)
     losses = [r["loss"] for r in metrics(out) if "loss" in r]
     assert len(losses) == 8 and losses[-1] < losses[0]

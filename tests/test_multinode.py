@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, aborted_in_transport, accelerate_launch, free_port, retry_args
+from conftest import ROOT, aborted_in_transport, accelerate_launch, free_port, retry_args, side_by_side
 from test_train_grpo import grpo_args
 from test_train_sft import sft_args
 
@@ -63,15 +63,16 @@ def assert_same_run(two_machines: Path, one_machine: Path, keys: tuple[str, ...]
 def test_sft_on_two_machines_matches_one_machine(tiny_model_dir, tmp_path):
     common = ["max_steps=4", "train_batch_size=8", "per_device_train_batch_size=4", "learning_rate=1e-2"]
     two, one = tmp_path / "two_machines", tmp_path / "one_machine"
-    result = two_machine_launch(sft_args(tiny_model_dir, two, *common))
-    assert_ok(result)
-    assert_ok(accelerate_launch(sft_args(tiny_model_dir, one, *common)))
+    for result in side_by_side(lambda: two_machine_launch(sft_args(tiny_model_dir, two, *common)),
+                               lambda: accelerate_launch(sft_args(tiny_model_dir, one, *common))):
+        assert_ok(result)
     assert_same_run(two, one, ("loss", "grad_norm"))
 
 
 def test_grpo_on_two_machines_matches_one_machine(tiny_model_dir, tmp_path):
     common = ["max_steps=2", "per_device_train_batch_size=16", "beta=0.04", "num_iterations=2"]
     two, one = tmp_path / "two_machines", tmp_path / "one_machine"
-    assert_ok(two_machine_launch(grpo_args(tiny_model_dir, two, *common)))
-    assert_ok(accelerate_launch(grpo_args(tiny_model_dir, one, *common)))
+    for result in side_by_side(lambda: two_machine_launch(grpo_args(tiny_model_dir, two, *common)),
+                               lambda: accelerate_launch(grpo_args(tiny_model_dir, one, *common))):
+        assert_ok(result)
     assert_same_run(two, one, ("loss", "reward", "kl"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_python
+from conftest import ONE_THREAD, run_python, side_by_side
 from common.loop import FORCE_NONFINITE_ENV
 
 
@@ -52,12 +52,36 @@ def teacher_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "teacher", hidden_size=64, layers=2, heads=4, seed=1)
 
 
+@pytest.fixture(scope="module")
+def nan_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with one NaN in its final norm: every forward is NaN."""
+    directory = tmp_path_factory.mktemp("models") / "nan"
+    shutil.copytree(tiny_model_dir, directory)
+    state = load_file(directory / "model.safetensors")
+    name = next(k for k in state if k.endswith("norm.weight") and "layers" not in k)
+    state[name][0] = float("nan")
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, teacher_dir, nan_model_dir, tmp_path_factory) -> dict:
+    """The five runs of the tests below side by side, name -> (output_dir, result): each script with forced non-finite
+    steps 2, 4, 5, 6 ("sft", "grpo", "gkd"), and SFT / GRPO on NaN weights ("nan_sft", "nan_grpo")."""
+    root = tmp_path_factory.mktemp("nonfinite")
+    launches = {script: (script_args(script, tiny_model_dir, root / script, "max_steps=8", "max_consecutive_nonfinite=3",
+                                     teacher=teacher_dir), {FORCE_NONFINITE_ENV: "2,4,5,6"})
+                for script in ("sft", "grpo", "gkd")}
+    launches["nan_sft"] = (script_args("sft", nan_model_dir, root / "nan_sft", "max_steps=6", "save_steps=0"), {})
+    launches["nan_grpo"] = (script_args("grpo", nan_model_dir, root / "nan_grpo", "max_steps=2"), {})
+    results = side_by_side(*[lambda args=args, env=env: run_python(args, env={**ONE_THREAD, **env})
+                             for args, env in launches.values()])
+    return {name: (root / name, result) for name, result in zip(launches, results)}
+
+
 @pytest.mark.parametrize("script", ["sft", "grpo", "gkd"])
-def test_nonfinite_steps_are_skipped_counted_shown_and_stop_the_run_in_a_row(script, tiny_model_dir, teacher_dir,
-                                                                             tmp_path):
-    out = tmp_path / script
-    result = run_python(script_args(script, tiny_model_dir, out, "max_steps=8", "max_consecutive_nonfinite=3",
-                                    teacher=teacher_dir), env={FORCE_NONFINITE_ENV: "2,4,5,6"})
+def test_nonfinite_steps_are_skipped_counted_shown_and_stop_the_run_in_a_row(script, runs):
+    out, result = runs[script]
     assert result.returncode != 0
     assert "NonFiniteError: step 6: 3 non-finite steps in a row (max_consecutive_nonfinite=3)" in result.stderr
     metrics = rows(out)
@@ -75,30 +99,16 @@ def test_nonfinite_steps_are_skipped_counted_shown_and_stop_the_run_in_a_row(scr
     assert not (out / "model.safetensors").exists()  # no final model from a stopped run
 
 
-@pytest.fixture(scope="module")
-def nan_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with one NaN in its final norm: every forward is NaN."""
-    directory = tmp_path_factory.mktemp("models") / "nan"
-    shutil.copytree(tiny_model_dir, directory)
-    state = load_file(directory / "model.safetensors")
-    name = next(k for k in state if k.endswith("norm.weight") and "layers" not in k)
-    state[name][0] = float("nan")
-    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
-    return directory
-
-
-def test_sft_on_nan_weights_stops_after_the_limit_and_writes_no_checkpoint(nan_model_dir, tmp_path):
-    out = tmp_path / "sft"
-    result = run_python(script_args("sft", nan_model_dir, out, "max_steps=6", "save_steps=0"))
+def test_sft_on_nan_weights_stops_after_the_limit_and_writes_no_checkpoint(runs):
+    out, result = runs["nan_sft"]
     assert result.returncode != 0
     assert "step 3: 3 non-finite steps in a row (max_consecutive_nonfinite=3)" in result.stderr
     assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
     assert [(r["loss"], r["step_skipped"]) for r in rows(out).values()] == [("nan", True)] * 2
 
 
-def test_grpo_sampling_on_nan_weights_is_a_clear_stop(nan_model_dir, tmp_path):
-    out = tmp_path / "grpo"
-    result = run_python(script_args("grpo", nan_model_dir, out, "max_steps=2"))
+def test_grpo_sampling_on_nan_weights_is_a_clear_stop(runs):
+    out, result = runs["nan_grpo"]
     assert result.returncode != 0
     assert "NonFiniteError: step 1: the model's weights contain NaN or inf" in result.stderr
     assert "probability tensor" not in result.stderr

@@ -30,7 +30,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the test cluster's slurmd runs as root"),
 ]
 
-MAX_STEPS = 80
+MAX_STEPS = 40
 SIGNAL_AFTER_STEP = 3
 SIGNALS = {"usr1": ["--signal=USR1", "--batch"], "term": ["--signal=TERM", "--full"]}
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, accelerate_launch, run_python
+from conftest import ONE_THREAD, ROOT, accelerate_launch, run_python, side_by_side
+from openai_stub_server import OpenAIStubServer, StubReply
 
 from common.config import ConfigError, load_config
 from common.rewards import RewardInput, TeachingTrajectory
@@ -319,10 +320,53 @@ TEACHER_KEYS = ("teacher/student_accuracy", "teacher/baseline_accuracy", "teache
                 "time/teacher", "time/student", "time/reward", "time/update")
 
 
-def test_teacher_run_logs_checkpoints_and_resumes(tiny_model_dir, teacher_config, tmp_path):
-    common = ["max_steps=2", "save_steps=1", "save_total_limit=3", "eval_on_start=true"]
-    straight = tmp_path / "straight"
-    result = run_python(teacher_args(teacher_config, tiny_model_dir, straight, *common))
+STRAIGHT = ["max_steps=2", "save_steps=1", "save_total_limit=3", "eval_on_start=true"]
+
+
+def api_student_reply():
+    """The API student's stub replies: every first attempt of a prompt fails once (retried); with teaching it answers
+    odd-`a` prompts never (unscored) and the rest right; alone it is right on even `b` only."""
+    lock, seen = threading.Lock(), {}
+
+    def reply(request):
+        text = request.text
+        a, b = map(int, re.search(r"(\d+)\+(\d+)=", text).groups())
+        with lock:   # every first attempt of a prompt fails once: retried
+            seen[text] = seen.get(text, 0) + 1
+            first = seen[text] == 1
+        if first and "Before solving" not in text:
+            return StubReply(status=500)
+        if "A teacher has provided" in text and a % 2:   # these never succeed: the sample stays unscored
+            return StubReply(status=503)
+        if "A teacher has provided" in text:
+            return StubReply(content=str(a + b))
+        return StubReply(content=str(a + b - 1) if b % 2 else str(a + b))   # alone: right on even b only
+    return reply
+
+
+@pytest.fixture(scope="module")
+def teacher_runs(tiny_model_dir, tmp_path_factory) -> dict:
+    """Three teacher runs side by side: "straight" (1 process, checkpoints every step), "two" (2 processes) and
+    "api" (an API student behind a stub server). name -> (output_dir, result); the tests below read them."""
+    root = tmp_path_factory.mktemp("teacher_runs")
+    config = root / "teacher.yaml"
+    config.write_text(TEACHER_RUN)
+    with OpenAIStubServer(reply=api_student_reply()) as server:
+        results = side_by_side(
+            lambda: run_python(teacher_args(config, tiny_model_dir, root / "straight", *STRAIGHT), env=ONE_THREAD),
+            lambda: accelerate_launch(teacher_args(config, tiny_model_dir, root / "two", "max_steps=1", "save_steps=0",
+                                                   "per_device_train_batch_size=4", "do_eval=true")),
+            lambda: run_python(teacher_args(config, tiny_model_dir, root / "api", "max_steps=2", "save_steps=0",
+                                            "do_eval=false", "student_model=litellm:openai/student",
+                                            f"student_api_base={server.base_url}",
+                                            "trainer_args.student_api.max_retries=2",
+                                            "trainer_args.student_api.retry_backoff=0.01", "logging_prob=1.0"),
+                               env=ONE_THREAD))
+    return {name: (root / name, result) for name, result in zip(("straight", "two", "api"), results)}
+
+
+def test_teacher_run_logs_checkpoints_and_resumes(teacher_runs, tiny_model_dir, teacher_config, tmp_path):
+    straight, result = teacher_runs["straight"]
     assert_ok(result)
     rows = metrics(straight)
     steps = [r for r in rows if "loss" in r]
@@ -341,8 +385,8 @@ def test_teacher_run_logs_checkpoints_and_resumes(tiny_model_dir, teacher_config
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-1", resumed / "checkpoint-1")
-    assert_ok(run_python(teacher_args(teacher_config, tiny_model_dir, resumed, *common, "eval_on_start=false",
-                                      "resume_from_checkpoint=latest")))
+    assert_ok(run_python(teacher_args(teacher_config, tiny_model_dir, resumed, *STRAIGHT, "eval_on_start=false",
+                                      "resume_from_checkpoint=latest"), env=ONE_THREAD))
     again = [r for r in metrics(resumed) if "loss" in r]
     assert [r["step"] for r in again] == [2]
     before = {r["step"]: r for r in steps}
@@ -350,41 +394,16 @@ def test_teacher_run_logs_checkpoints_and_resumes(tiny_model_dir, teacher_config
         assert again[0][key] == pytest.approx(before[2][key], abs=1e-6), key
 
 
-def test_teacher_run_on_two_processes(tiny_model_dir, teacher_config, tmp_path):
-    out = tmp_path / "two"
-    assert_ok(accelerate_launch(teacher_args(teacher_config, tiny_model_dir, out, "max_steps=1", "save_steps=0",
-                                             "per_device_train_batch_size=4", "do_eval=true")))
+def test_teacher_run_on_two_processes(teacher_runs):
+    out, result = teacher_runs["two"]
+    assert_ok(result)
     rows = metrics(out)
     assert [r["step"] for r in rows if "loss" in r] == [1]
     assert any("eval/teacher/student_accuracy" in r for r in rows)
 
 
-def test_api_student_through_the_stub_server_is_retried_and_a_failed_call_never_scores(tiny_model_dir,
-                                                                                        teacher_config, tmp_path):
-    from openai_stub_server import OpenAIStubServer, StubReply
-
-    lock, seen = threading.Lock(), {}
-
-    def reply(request):
-        text = request.text
-        a, b = map(int, re.search(r"(\d+)\+(\d+)=", text).groups())
-        with lock:   # every first attempt of a prompt fails once: retried
-            seen[text] = seen.get(text, 0) + 1
-            first = seen[text] == 1
-        if first and "Before solving" not in text:
-            return StubReply(status=500)
-        if "A teacher has provided" in text and a % 2:   # these never succeed: the sample stays unscored
-            return StubReply(status=503)
-        if "A teacher has provided" in text:
-            return StubReply(content=str(a + b))
-        return StubReply(content=str(a + b - 1) if b % 2 else str(a + b))   # alone: right on even b only
-
-    out = tmp_path / "api"
-    with OpenAIStubServer(reply=reply) as server:
-        result = run_python(teacher_args(teacher_config, tiny_model_dir, out, "max_steps=2", "save_steps=0",
-                                         "do_eval=false", "student_model=litellm:openai/student",
-                                         f"student_api_base={server.base_url}", "trainer_args.student_api.max_retries=2",
-                                         "trainer_args.student_api.retry_backoff=0.01", "logging_prob=1.0"))
+def test_api_student_through_the_stub_server_is_retried_and_a_failed_call_never_scores(teacher_runs):
+    out, result = teacher_runs["api"]
     assert_ok(result)
     steps = [r for r in metrics(out) if "loss" in r]
     assert len(steps) == 2

@@ -10,12 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, run_python
+from conftest import ONE_THREAD, accelerate_launch, run_python, side_by_side  # one thread: the cores are shared
 from train_gkd import (IGNORE_INDEX, choose_sequence_source, completion_row, generalized_jsd_loss, gkd_loss_sum,
                        prediction_mask)
 
 RECIPE = "configs/recipe/quickstart_gkd.yaml"
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the cores are shared: one thread per process keeps runs steady
 
 
 def gkd_args(student: Path, teacher: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -119,16 +118,29 @@ def test_two_processes_take_one_decision_per_step_on_every_micro_step(tiny_model
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_gradient_accumulation_invariance_with_on_policy_steps(tiny_model_dir, other_tiny_model_dir, tmp_path):
+# seed 3 draws both sources in steps 1-4 and an on-policy step among steps 3-4
+STRAIGHT = ["seed=3", "max_steps=4", "train_batch_size=4", "gradient_accumulation_steps=null", "lmbda=0.5", "beta=0.5",
+            "learning_rate=1e-2", "save_steps=2", "save_total_limit=3"]
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tiny_model_dir, other_tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two 4-step runs side by side: 1 micro-batch of 4 ("accum1", checkpoints every 2 steps) and 4 accumulated
+    micro-batches of 1 ("accum4"). The accumulation and resume tests read them."""
+    root = tmp_path_factory.mktemp("gkd_straight")
+    runs = {"accum1": "per_device_train_batch_size=4", "accum4": "per_device_train_batch_size=1"}
+    results = side_by_side(*[lambda name=name, batch=batch: run_python(
+        gkd_args(tiny_model_dir, other_tiny_model_dir, root / name, *STRAIGHT, batch), env=ONE_THREAD)
+        for name, batch in runs.items()])
+    for result in results:
+        assert_ok(result)
+    return {name: root / name for name in runs}
+
+
+def test_gradient_accumulation_invariance_with_on_policy_steps(straight_runs):
     """1 micro-batch x 4 accumulation steps == 4 x 1 (same losses and weights), on-policy steps included."""
-    common = ["seed=3", "max_steps=4", "train_batch_size=4", "gradient_accumulation_steps=null",
-              "learning_rate=1e-2", "lmbda=0.5", "beta=0.5"]
     assert {choose_sequence_source(3, s, 0.5, False) for s in range(1, 5)} == {"student", "dataset"}
-    accum4, accum1 = tmp_path / "accum4", tmp_path / "accum1"
-    assert_ok(run_python(gkd_args(tiny_model_dir, other_tiny_model_dir, accum4, *common,
-                                  "per_device_train_batch_size=1"), env=ONE_THREAD))
-    assert_ok(run_python(gkd_args(tiny_model_dir, other_tiny_model_dir, accum1, *common,
-                                  "per_device_train_batch_size=4"), env=ONE_THREAD))
+    accum4, accum1 = straight_runs["accum4"], straight_runs["accum1"]
     rows4 = [r for r in metrics(accum4) if "loss" in r]
     rows1 = [r for r in metrics(accum1) if "loss" in r]
     assert [r["on_policy"] for r in rows4] == [r["on_policy"] for r in rows1]
@@ -137,18 +149,15 @@ def test_gradient_accumulation_invariance_with_on_policy_steps(tiny_model_dir, o
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-def test_resume_repeats_the_same_decisions_and_samples(tiny_model_dir, other_tiny_model_dir, tmp_path):
+def test_resume_repeats_the_same_decisions_and_samples(straight_runs, tiny_model_dir, other_tiny_model_dir, tmp_path):
     """Decisions and sampling seeds depend on (seed, step) only: a run resumed at step 2 retraces the straight run."""
-    common = ["seed=3", "max_steps=4", "train_batch_size=4", "per_device_train_batch_size=4", "lmbda=0.5",
-              "beta=0.5", "learning_rate=1e-2", "save_steps=2", "save_total_limit=3"]
     assert "student" in {choose_sequence_source(3, s, 0.5, False) for s in (3, 4)}
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert_ok(run_python(gkd_args(tiny_model_dir, other_tiny_model_dir, straight, *common), env=ONE_THREAD))
+    straight, resumed = straight_runs["accum1"], tmp_path / "resumed"
     resumed.mkdir()
     import shutil
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    assert_ok(run_python(gkd_args(tiny_model_dir, other_tiny_model_dir, resumed, *common,
-                                  "resume_from_checkpoint=latest"), env=ONE_THREAD))
+    assert_ok(run_python(gkd_args(tiny_model_dir, other_tiny_model_dir, resumed, *STRAIGHT,
+                                  "per_device_train_batch_size=4", "resume_from_checkpoint=latest"), env=ONE_THREAD))
     straight_rows = {r["step"]: r for r in metrics(straight) if "loss" in r}
     resumed_rows = [r for r in metrics(resumed) if "loss" in r]
     assert [r["step"] for r in resumed_rows] == [3, 4]
@@ -241,27 +250,45 @@ def other_vocabulary_model_dir(tmp_path_factory) -> Path:
         make_tiny_model.CHARACTERS = original
 
 
-@pytest.mark.parametrize("case", ["missing_teacher", "vocabulary", "lmbda", "beta", "chat_last_turn"])
-def test_bad_input_fails_before_anything_is_written(case, tiny_model_dir, other_vocabulary_model_dir, tmp_path):
-    teacher, extra = tiny_model_dir, []
-    if case == "missing_teacher":
-        teacher, message = tmp_path / "no_teacher_here", r"teacher_model_name_or_path.*no such local model directory"
-    elif case == "vocabulary":
-        teacher, message = other_vocabulary_model_dir, r"student tokenizer .* and the teacher tokenizer .* differ"
-    elif case == "lmbda":
-        extra, message = ["lmbda=1.5"], r"`lmbda` must be a number in \[0, 1\], got 1.5"
-    elif case == "beta":
-        extra, message = ["beta=-0.1"], r"`beta` must be a number in \[0, 1\], got -0.1"
-    else:
-        data = tmp_path / "chat.jsonl"
-        data.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1="},
-                                                 {"role": "assistant", "content": "2"}]}) + "\n"
-                        + json.dumps({"messages": [{"role": "user", "content": "2+2="}]}) + "\n")
-        extra = [f"dataset_id_or_path={data}", "make_dataset_fn={}"]
-        message = r"chat.jsonl:2: the last message must be the assistant's"
-    out = tmp_path / "never"
-    result = run_python(gkd_args(tiny_model_dir, teacher, out, *extra), env=ONE_THREAD)
+BAD_INPUT = {
+    "missing_teacher": r"teacher_model_name_or_path.*no such local model directory",
+    "vocabulary": r"student tokenizer .* and the teacher tokenizer .* differ",
+    "lmbda": r"`lmbda` must be a number in \[0, 1\], got 1.5",
+    "beta": r"`beta` must be a number in \[0, 1\], got -0.1",
+    "chat_last_turn": r"chat.jsonl:2: the last message must be the assistant's",
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny_model_dir, other_vocabulary_model_dir, tmp_path_factory) -> dict:
+    """One run per BAD_INPUT case, side by side: case -> (output_dir, result)."""
+    root = tmp_path_factory.mktemp("gkd_bad_input")
+    launches = {}
+    for case in BAD_INPUT:
+        teacher, extra = tiny_model_dir, []
+        if case == "missing_teacher":
+            teacher = root / "no_teacher_here"
+        elif case == "vocabulary":
+            teacher = other_vocabulary_model_dir
+        elif case == "lmbda":
+            extra = ["lmbda=1.5"]
+        elif case == "beta":
+            extra = ["beta=-0.1"]
+        else:
+            data = root / "chat.jsonl"
+            data.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1="},
+                                                     {"role": "assistant", "content": "2"}]}) + "\n"
+                            + json.dumps({"messages": [{"role": "user", "content": "2+2="}]}) + "\n")
+            extra = [f"dataset_id_or_path={data}", "make_dataset_fn={}"]
+        launches[case] = gkd_args(tiny_model_dir, teacher, root / f"never_{case}", *extra)
+    results = side_by_side(*[lambda args=args: run_python(args, env=ONE_THREAD) for args in launches.values()])
+    return {case: (root / f"never_{case}", result) for case, result in zip(launches, results)}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_fails_before_anything_is_written(case, bad_input_runs):
+    out, result = bad_input_runs[case]
     assert result.returncode != 0
-    assert re.search(message, result.stderr), result.stderr[-2000:]
+    assert re.search(BAD_INPUT[case], result.stderr), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not out.exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import accelerate_launch, run_python
+from conftest import ONE_THREAD, accelerate_launch, run_python, side_by_side
 
 RECIPE = "configs/recipe/quickstart_grpo.yaml"
 
@@ -46,14 +46,31 @@ def test_grpo_reward_rises_and_logs_its_metrics(tiny_model_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_grpo_resume_replays_the_same_rollouts(tiny_model_dir, tmp_path):
-    common = ["max_steps=4", "save_steps=2", "save_total_limit=3", "num_iterations=2", "beta=0.04"]
-    straight = tmp_path / "straight"
-    assert_ok(run_python(grpo_args(tiny_model_dir, straight, *common)))
+# with save_steps=2: checkpoints at steps 2 and 4; num_iterations=2: steps 2 and 4 reuse the rollouts of 1 and 3
+STRAIGHT = ["max_steps=4", "save_steps=2", "save_total_limit=3", "num_iterations=2", "beta=0.04",
+            "max_completion_length=6"]
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two 4-step runs side by side, with and without shared prompt prefixes (the default shares them). The resume
+    test resumes the first; the shared-prompt test compares the two."""
+    root = tmp_path_factory.mktemp("grpo_straight")
+    results = side_by_side(*[lambda share=share: run_python(grpo_args(
+        tiny_model_dir, root / share, *STRAIGHT, f"share_prompt_prefix={share}"), env=ONE_THREAD)
+        for share in ("true", "false")])
+    for result in results:
+        assert_ok(result)
+    return {share: root / share for share in ("true", "false")}
+
+
+def test_grpo_resume_replays_the_same_rollouts(straight_runs, tiny_model_dir, tmp_path):
+    straight = straight_runs["true"]
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    assert_ok(run_python(grpo_args(tiny_model_dir, resumed, *common, "resume_from_checkpoint=latest")))
+    assert_ok(run_python(grpo_args(tiny_model_dir, resumed, *STRAIGHT, "share_prompt_prefix=true",
+                                   "resume_from_checkpoint=latest"), env=ONE_THREAD))
     before = {r["step"]: r for r in metrics(straight)}
     after = [r for r in metrics(resumed) if "loss" in r]
     assert [r["step"] for r in after] == [3, 4]
@@ -75,7 +92,7 @@ def test_grpo_two_processes_with_reference_and_dapo(tiny_model_dir, tmp_path):
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
 
 
-@pytest.mark.parametrize("extra,message", [
+BAD_INPUT = [
     (["reward_funcs=[acuracy]"], r"unknown \['acuracy'\]; available: .*arithmetic"),
     (["num_generations=1"], "needs >= 2 completions"),
     (["num_generations=5"], "does not divide train_batch_size"),
@@ -88,10 +105,22 @@ def test_grpo_two_processes_with_reference_and_dapo(tiny_model_dir, tmp_path):
     (["use_vllm=true", "vllm_tensor_parallel_size=3"], "vllm_tensor_parallel_size' = 3: expected a divisor"),
     (["beta=0.1", "ref_model_name_or_path=./no/such/ref"], "needs a reference model"),
     (["max_prompt_length=4", "prompt_overflow=error"], "exceed max_prompt_length=4"),
-])
-def test_bad_input_fails_before_models_load(tiny_model_dir, tmp_path, extra, message):
-    out = tmp_path / "never"
-    result = run_python(grpo_args(tiny_model_dir, out, *extra))
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny_model_dir, tmp_path_factory) -> dict:
+    """One run per BAD_INPUT case, side by side: the case's overrides (a tuple) -> (output_dir, result)."""
+    root = tmp_path_factory.mktemp("grpo_bad_input")
+    outs = {tuple(extra): root / f"never_{i}" for i, (extra, _) in enumerate(BAD_INPUT)}
+    results = side_by_side(*[lambda extra=extra, out=out: run_python(grpo_args(tiny_model_dir, out, *extra),
+                                                                     env=ONE_THREAD) for extra, out in outs.items()])
+    return {extra: (out, result) for (extra, out), result in zip(outs.items(), results)}
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUT)
+def test_bad_input_fails_before_models_load(bad_input_runs, extra, message):
+    out, result = bad_input_runs[tuple(extra)]
     assert result.returncode == 2, result.stderr[-3000:]
     assert re.search(message, result.stderr), result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -174,14 +203,9 @@ def test_rollout_batch_maps_rows_to_distinct_prompts_the_same_way_on_every_proce
     assert off.prompt_of_row is None and off.completion_width == 1
 
 
-def test_grpo_run_is_the_same_with_and_without_shared_prompts(tiny_model_dir, tmp_path):
-    runs = {}
-    for share in ("true", "false"):
-        out = tmp_path / share
-        assert_ok(run_python(grpo_args(tiny_model_dir, out, "max_steps=3", "beta=0.04", "num_iterations=2",
-                                       f"share_prompt_prefix={share}", "max_completion_length=6")))
-        runs[share] = [r for r in metrics(out) if "loss" in r]
-    assert len(runs["true"]) == 3
+def test_grpo_run_is_the_same_with_and_without_shared_prompts(straight_runs):
+    runs = {share: [r for r in metrics(out) if "loss" in r] for share, out in straight_runs.items()}
+    assert len(runs["true"]) == 4
     for shared, full in zip(runs["true"], runs["false"]):
         assert shared.get("reward") == full.get("reward")       # the same rollouts
         assert shared["loss"] == pytest.approx(full["loss"], abs=1e-5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, run_python
+from conftest import ONE_THREAD, accelerate_launch, run_python, side_by_side
 
 RECIPE = "configs/recipe/quickstart_sft.yaml"
 
@@ -47,21 +47,37 @@ def test_sft_learns_and_saves_a_loadable_model(tiny_model_dir, tmp_path):
     assert (out / "config.yaml").is_file()
 
 
-def test_resume_continues_at_the_same_step_and_batch(tiny_model_dir, tmp_path):
-    common = ["max_steps=6", "train_batch_size=8", "per_device_train_batch_size=8", "lr_scheduler_type=cosine"]
-    straight = tmp_path / "straight"
-    assert_ok(run_python(sft_args(tiny_model_dir, straight, *common, "save_steps=3", "save_total_limit=5")))
-    assert (straight / "checkpoint-3" / "trainer_state.json").is_file()
-    assert (straight / "checkpoint-6").is_dir()
+STRAIGHT = ["max_steps=4", "train_batch_size=4", "gradient_accumulation_steps=null", "learning_rate=1e-2",
+            "save_steps=2", "save_total_limit=5"]
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two 4-step runs side by side, checkpoints at steps 2 and 4: 1 micro-batch of 4 ("accum1") and 4 accumulated
+    micro-batches of 1 ("accum4"). The resume and accumulation tests read them."""
+    root = tmp_path_factory.mktemp("sft_straight")
+    runs = {"accum1": "per_device_train_batch_size=4", "accum4": "per_device_train_batch_size=1"}
+    results = side_by_side(*[lambda name=name, batch=batch: run_python(
+        sft_args(tiny_model_dir, root / name, *STRAIGHT, batch), env=ONE_THREAD) for name, batch in runs.items()])
+    for result in results:
+        assert_ok(result)
+    return {name: root / name for name in runs}
+
+
+def test_resume_continues_at_the_same_step_and_batch(straight_runs, tiny_model_dir, tmp_path):
+    straight = straight_runs["accum1"]
+    assert (straight / "checkpoint-2" / "trainer_state.json").is_file()
+    assert (straight / "checkpoint-4").is_dir()
     assert not list(straight.glob("*.tmp"))
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     import shutil
-    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
-    assert_ok(run_python(sft_args(tiny_model_dir, resumed, *common, "save_steps=3", "resume_from_checkpoint=latest")))
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    assert_ok(run_python(sft_args(tiny_model_dir, resumed, *STRAIGHT, "per_device_train_batch_size=4",
+                                  "resume_from_checkpoint=latest"), env=ONE_THREAD))
     rows = metrics(resumed)
-    assert [r["step"] for r in rows if "loss" in r] == [4, 5, 6]
+    assert [r["step"] for r in rows if "loss" in r] == [3, 4]
     straight_losses = {r["step"]: r["loss"] for r in metrics(straight) if "loss" in r}
     for row in rows:
         if "loss" in row:  # the same next batch, the same weights -> the same loss
@@ -71,16 +87,12 @@ def test_resume_continues_at_the_same_step_and_batch(tiny_model_dir, tmp_path):
         assert torch.allclose(a[name], b[name], atol=1e-6), name
 
 
-def test_gradient_accumulation_invariance(tiny_model_dir, tmp_path):
+def test_gradient_accumulation_invariance(straight_runs):
     """1 micro-batch x 4 accumulation steps == 4 x 1: same losses and weights."""
-    common = ["max_steps=4", "train_batch_size=4", "gradient_accumulation_steps=null", "learning_rate=1e-2"]
-    one = tmp_path / "accum4"
-    four = tmp_path / "accum1"
-    assert_ok(run_python(sft_args(tiny_model_dir, one, *common, "per_device_train_batch_size=1")))
-    assert_ok(run_python(sft_args(tiny_model_dir, four, *common, "per_device_train_batch_size=4")))
+    one, four = straight_runs["accum4"], straight_runs["accum1"]
     losses_one = [r["loss"] for r in metrics(one) if "loss" in r]
     losses_four = [r["loss"] for r in metrics(four) if "loss" in r]
-    assert losses_one == pytest.approx(losses_four, rel=1e-4)
+    assert len(losses_one) == 4 and losses_one == pytest.approx(losses_four, rel=1e-4)
     a, b = weights(one), weights(four)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
@@ -91,9 +103,9 @@ def test_two_process_cpu_run_matches_one_process(tiny_model_dir, tmp_path):
               "per_device_train_batch_size=2"]
     two = tmp_path / "two"
     one = tmp_path / "one"
-    result = accelerate_launch(sft_args(tiny_model_dir, two, *common, "save_steps=3"))
-    assert_ok(result)
-    assert_ok(run_python(sft_args(tiny_model_dir, one, *common)))
+    for result in side_by_side(lambda: accelerate_launch(sft_args(tiny_model_dir, two, *common, "save_steps=3")),
+                               lambda: run_python(sft_args(tiny_model_dir, one, *common), env=ONE_THREAD)):
+        assert_ok(result)
     assert (two / "checkpoint-3" / "trainer_state.json").is_file()
     losses_two = [r["loss"] for r in metrics(two) if "loss" in r]
     losses_one = [r["loss"] for r in metrics(one) if "loss" in r]
@@ -102,14 +114,26 @@ def test_two_process_cpu_run_matches_one_process(tiny_model_dir, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-@pytest.mark.parametrize("extra,message", [
+BAD_CONFIG = [
     (["learnig_rate=1e-3"], "unknown key 'learnig_rate'.*did you mean 'learning_rate'"),
     (["train_batch_size=10", "per_device_train_batch_size=4", "gradient_accumulation_steps=null"], "not divisible"),
     (["load_in_4bit=true"], "load_in_4bit"),
-])
-def test_bad_config_fails_before_anything_is_written(tiny_model_dir, tmp_path, extra, message):
-    out = tmp_path / "never"
-    result = run_python(sft_args(tiny_model_dir, out, *extra))
+]
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(tiny_model_dir, tmp_path_factory) -> dict:
+    """One run per BAD_CONFIG case, side by side: the case's overrides (a tuple) -> (output_dir, result)."""
+    root = tmp_path_factory.mktemp("sft_bad_config")
+    outs = {tuple(extra): root / f"never_{i}" for i, (extra, _) in enumerate(BAD_CONFIG)}
+    results = side_by_side(*[lambda extra=extra, out=out: run_python(sft_args(tiny_model_dir, out, *extra),
+                                                                     env=ONE_THREAD) for extra, out in outs.items()])
+    return {extra: (out, result) for (extra, out), result in zip(outs.items(), results)}
+
+
+@pytest.mark.parametrize("extra,message", BAD_CONFIG)
+def test_bad_config_fails_before_anything_is_written(bad_config_runs, extra, message):
+    out, result = bad_config_runs[tuple(extra)]
     assert result.returncode != 0
     assert __import__("re").search(message, result.stderr), result.stderr[-2000:]
     assert not out.exists()
