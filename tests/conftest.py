@@ -65,6 +65,15 @@ def side_by_side(*launches):
         return [future.result() for future in [pool.submit(launch) for launch in launches]]
 
 
+def runs_per_case(cases, args_for, root: Path) -> dict:
+    """One run per (overrides, ...) case, side by side, one thread each: `args_for(output_dir, *overrides)` gives
+    the script arguments. Returns overrides (a tuple) -> (output_dir, result)."""
+    outs = {tuple(case[0]): root / f"never_{i}" for i, case in enumerate(cases)}
+    results = side_by_side(*[lambda extra=extra, out=out: run_python(args_for(out, *extra), env=ONE_THREAD)
+                             for extra, out in outs.items()])
+    return {extra: (out, result) for (extra, out), result in zip(outs.items(), results)}
+
+
 def accelerate_launch(script_args: list[str], num_processes: int = 2, extra_env: dict | None = None,
                       timeout: int = 600):
     """A real multi-process CPU run through `accelerate launch` (gloo), on a free port."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ONE_THREAD, accelerate_launch, run_python, side_by_side
+from conftest import ONE_THREAD, accelerate_launch, run_python, runs_per_case, side_by_side
 
 RECIPE = "configs/recipe/quickstart_grpo.yaml"
 
@@ -111,11 +111,8 @@ BAD_INPUT = [
 @pytest.fixture(scope="module")
 def bad_input_runs(tiny_model_dir, tmp_path_factory) -> dict:
     """One run per BAD_INPUT case, side by side: the case's overrides (a tuple) -> (output_dir, result)."""
-    root = tmp_path_factory.mktemp("grpo_bad_input")
-    outs = {tuple(extra): root / f"never_{i}" for i, (extra, _) in enumerate(BAD_INPUT)}
-    results = side_by_side(*[lambda extra=extra, out=out: run_python(grpo_args(tiny_model_dir, out, *extra),
-                                                                     env=ONE_THREAD) for extra, out in outs.items()])
-    return {extra: (out, result) for (extra, out), result in zip(outs.items(), results)}
+    return runs_per_case(BAD_INPUT, lambda out, *extra: grpo_args(tiny_model_dir, out, *extra),
+                         tmp_path_factory.mktemp("grpo_bad_input"))
 
 
 @pytest.mark.parametrize("extra,message", BAD_INPUT)

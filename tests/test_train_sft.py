@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ONE_THREAD, accelerate_launch, run_python, side_by_side
+from conftest import ONE_THREAD, accelerate_launch, run_python, runs_per_case, side_by_side
 
 RECIPE = "configs/recipe/quickstart_sft.yaml"
 
@@ -124,11 +124,8 @@ BAD_CONFIG = [
 @pytest.fixture(scope="module")
 def bad_config_runs(tiny_model_dir, tmp_path_factory) -> dict:
     """One run per BAD_CONFIG case, side by side: the case's overrides (a tuple) -> (output_dir, result)."""
-    root = tmp_path_factory.mktemp("sft_bad_config")
-    outs = {tuple(extra): root / f"never_{i}" for i, (extra, _) in enumerate(BAD_CONFIG)}
-    results = side_by_side(*[lambda extra=extra, out=out: run_python(sft_args(tiny_model_dir, out, *extra),
-                                                                     env=ONE_THREAD) for extra, out in outs.items()])
-    return {extra: (out, result) for (extra, out), result in zip(outs.items(), results)}
+    return runs_per_case(BAD_CONFIG, lambda out, *extra: sft_args(tiny_model_dir, out, *extra),
+                         tmp_path_factory.mktemp("sft_bad_config"))
 
 
 @pytest.mark.parametrize("extra,message", BAD_CONFIG)
